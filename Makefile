@@ -1,0 +1,42 @@
+# sgdnoise: `make study` runs the study, `make test` the whole suite; both create .venv if missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch and torchvision are pinned to the builds in these machines' local cache.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup study test lint format ui bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+study: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/ruff check src analysis tests benchmarks
+	$(BIN)/ruff format --check src analysis tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src analysis tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src analysis tests benchmarks
+	$(BIN)/ruff check --fix src analysis tests benchmarks
+
+ui: $(STAMP)
+	$(BIN)/sgdnoise ui
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

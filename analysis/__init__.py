@@ -1,0 +1,10 @@
+"""Read-only analysis of sgdnoise studies: MLflow runs -> tables, regimes, figures, report.
+
+This package never imports the training code; it reads only what the training side
+wrote to MLflow (see `analysis.query` for the contract it relies on).
+"""
+
+from analysis.query import StudyRuns, load_study
+from analysis.report import analyze
+
+__all__ = ["StudyRuns", "analyze", "load_study"]

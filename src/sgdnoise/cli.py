@@ -1,0 +1,117 @@
+"""The command line: the only module that parses arguments.
+
+Every command takes `--params FILE` and repeatable `-P key=value`. Under `mlflow run`,
+undeclared entry-point parameters arrive as `--key value`; those are overrides too.
+Bad input prints one line `error: <key>: <problem>; allowed: <...>` and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+from sgdnoise.config import Config, ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+_PASSTHROUGH = re.compile(r"^--((?:data|model|train|tracking)\.[A-Za-z0-9_.]+)(?:=(.*))?$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params", default=None, help="params file (default: params.yaml at the project root)"
+    )
+    p.add_argument(
+        "-P", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (value parsed as YAML); repeatable",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sgdnoise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="write data/prepared/<dataset>/")
+    _common(p)
+
+    p = sub.add_parser("train", help="one tracked training run")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    return parser
+
+
+def _split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`--train.lr_eff 0.5` / `--train.lr_eff=0.5` (from `mlflow run`) -> overrides."""
+    rest, extra = [], []
+    i = 0
+    while i < len(argv):
+        m = _PASSTHROUGH.match(argv[i])
+        if m:
+            if m.group(2) is not None:
+                extra.append(f"{m.group(1)}={m.group(2)}")
+                i += 1
+            elif i + 1 < len(argv):
+                extra.append(f"{m.group(1)}={argv[i + 1]}")
+                i += 2
+            else:
+                raise ConfigError(m.group(1), "no value given", f"--{m.group(1)} VALUE")
+            continue
+        rest.append(argv[i])
+        i += 1
+    return rest, extra
+
+
+def _config(args: argparse.Namespace, extra: list[str]) -> Config:
+    return load_config(args.params, [*args.overrides, *extra])
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.data.prepare import prepare
+
+    cfg = _config(args, extra)
+    path = prepare(cfg.data)
+    print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.train import train
+
+    cfg = _config(args, extra)
+    result = train(cfg, track=not args.no_track)
+    if result.is_main:
+        m = result.metrics
+        line = f"{result.status}: {int(m['steps'])} steps, train loss {m['final_train_loss']:.4g}"
+        if "final_test_accuracy" in m:
+            line += f", test accuracy {m['final_test_accuracy']:.4f}"
+        print(line, file=sys.stderr)
+        if args.json:
+            print(json.dumps(result.summary()))
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, extra = _split_passthrough(argv)
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, extra)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,426 @@
+"""The one configuration: params.yaml + `-P key=value` overrides, validated before any work.
+
+Each section is a frozen dataclass whose fields carry their own validation rules, so a key,
+its default, its type and what is allowed live in one place. Errors are ConfigError, which
+the CLI prints as one line `error: <key>: <what is wrong>; allowed: <...>` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sgdnoise.data import DATASETS
+from sgdnoise.models import INPUT_KINDS, MODEL_DEFAULTS, MODEL_NORMS
+
+SCHEDULES = ("smith2020", "constant", "cosine", "step")
+
+
+class ConfigError(ValueError):
+    """Bad input: names the key, what is wrong and what is allowed."""
+
+    def __init__(self, key: str, problem: str, allowed: str):
+        self.key, self.problem, self.allowed = key, problem, allowed
+        super().__init__(f"{key}: {problem}; allowed: {allowed}")
+
+
+def spec(
+    default: Any,
+    kind: type,
+    *,
+    choices: Iterable[str] | None = None,
+    check: Callable[[Any], bool] | None = None,
+    allowed: str | None = None,
+    nullable: bool = False,
+    identity: bool = True,
+) -> Any:
+    """A config field. `identity=False` keys do not change what is trained (paths, devices,
+    micro-batching, tracking), so they stay out of the run key."""
+    choices = tuple(choices) if choices is not None else None
+    if allowed is None:
+        allowed = " | ".join(choices) if choices else _KIND_NAMES[kind]
+        if nullable:
+            allowed += " or null"
+    meta = dict(
+        kind=kind,
+        choices=choices,
+        check=check,
+        allowed=allowed,
+        nullable=nullable,
+        identity=identity,
+    )
+    return field(default=default, metadata=meta)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true | false"}
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = spec("mnist1d", str, choices=DATASETS)
+    # Where the official on-disk files of torchvision datasets are (relative to the project root).
+    root: str = spec("data/raw", str, identity=False)
+    download: bool = spec(False, bool, identity=False)
+    # Size and split of generated datasets (mnist1d, synthetic).
+    num_samples: int = spec(10000, int, check=lambda v: v >= 20, allowed="an integer >= 20")
+    train_split: float = spec(0.8, float, check=lambda v: 0 < v < 1, allowed="a number in (0, 1)")
+    seed: int = spec(42, int, check=lambda v: v >= 0, allowed="an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = spec("mlp", str, choices=MODEL_DEFAULTS)
+    norm: str = spec("none", str, choices=("none", "batch", "ghost", "skipinit"))
+    ghost_batch_size: int = spec(64, int, check=_positive, allowed="an integer >= 1")
+    depth: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null"
+    )
+    width: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null"
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    unit: str = spec("epochs", str, choices=("epochs", "steps"))
+    value: float = spec(20, float, check=_positive, allowed="a number > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = spec("momentum", str, choices=("sgd", "momentum"))
+    momentum: float = spec(0.9, float, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
+    lr_eff: float = spec(0.5, float, check=_positive, allowed="a number > 0 (or 2^k)")
+    batch_size: int = spec(64, int, check=_positive, allowed="an integer >= 1")
+    micro_batch_size: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null (= B)",
+        identity=False,
+    )  # fmt: skip
+    weight_decay: float = spec(5e-4, float, check=lambda v: v >= 0, allowed="a number >= 0")
+    budget: Budget = field(default_factory=Budget)
+    schedule: str = spec("smith2020", str, choices=SCHEDULES)
+    # Linear warm-up over this fraction of the budget, on top of any schedule.
+    warmup: float = spec(0.0, float, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
+    seed: int = spec(0, int, check=lambda v: v >= 0, allowed="an integer >= 0")
+    # Evaluation points spread evenly over the run (step 0 included), plus the final one.
+    eval_points: int = spec(10, int, check=_positive, allowed="an integer >= 1")
+    eval_batch_size: int = spec(
+        2048, int, check=_positive, allowed="an integer >= 1", identity=False
+    )
+    # A run diverges when its loss is non-finite or above this multiple of its initial loss.
+    divergence_factor: float = spec(20.0, float, check=lambda v: v > 1, allowed="a number > 1")
+    precision: str = spec("fp32", str, choices=("fp32", "bf16"))
+    device: str = spec("auto", str, choices=("auto", "cpu", "cuda"), identity=False)
+    # Intra-op threads per process; null divides the machine's cores among local processes.
+    threads: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null",
+        identity=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    # null: $MLFLOW_TRACKING_URI, else sqlite at the project root (see paths).
+    uri: str | None = spec(None, str, nullable=True, identity=False)
+    experiment: str = spec(
+        "sgdnoise", str, check=lambda v: bool(v.strip()), allowed="a non-empty string",
+        identity=False,
+    )  # fmt: skip
+    run_name: str | None = spec(None, str, nullable=True, identity=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Study definitions are validated by the sweep; kept raw here.
+    studies: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- derived quantities, used by every part that needs them ----
+    @property
+    def momentum(self) -> float:
+        """The heavy-ball coefficient actually used (0 for plain SGD)."""
+        return self.train.momentum if self.train.optimizer == "momentum" else 0.0
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's step size ε = ε_eff (1 − m)."""
+        return self.train.lr_eff * (1.0 - self.momentum)
+
+    def to_dict(self, *, studies: bool = False) -> dict[str, Any]:
+        out = {s: _as_dict(getattr(self, s)) for s in SECTIONS}
+        if studies:
+            out["studies"] = dict(self.studies)
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved key as `section.key` (what MLflow records as params)."""
+        return dict(_flatten(self.to_dict()))
+
+    def identity(self) -> dict[str, Any]:
+        return {s: _identity_dict(getattr(self, s)) for s in SECTIONS}
+
+    @property
+    def run_key(self) -> str:
+        """A hash of everything that changes what is trained (see DESIGN: run identity)."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SECTIONS = ("data", "model", "train", "tracking")
+_SECTION_TYPES = {f.name: f.default_factory for f in fields(Config) if f.name in SECTIONS}
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {
+        f.name: _as_dict(v) if is_dataclass(v := getattr(obj, f.name)) else v for f in fields(obj)
+    }
+
+
+def _identity_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            out[f.name] = _identity_dict(v)
+        elif f.metadata.get("identity", True):
+            out[f.name] = v
+    return out
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def public_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        if f.name == "studies":
+            continue
+        typ = f.default_factory if f.default_factory is not MISSING else None
+        if typ is not None and is_dataclass(typ):
+            out += public_keys(typ, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+_POW2 = re.compile(r"^\s*2\s*\^\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def _coerce(key: str, value: Any, meta: Mapping[str, Any]) -> Any:
+    kind, allowed = meta["kind"], meta["allowed"]
+    if value is None:
+        if meta["nullable"]:
+            return None
+        raise ConfigError(key, "must not be null", allowed)
+    bad = ConfigError(key, f"{value!r} is not {_KIND_NAMES[kind]}", allowed)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, str):
+            m = _POW2.match(value)
+            try:
+                value = 2.0 ** float(m.group(1)) if m else float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"{value!r} is not finite", allowed)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(key, f"unknown value {value!r}", allowed)
+    if meta["check"] is not None and not meta["check"](value):
+        raise ConfigError(key, f"{value!r} is out of range", allowed)
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix.rstrip("."), f"{raw!r} is not a mapping", "a mapping of keys")
+    known = {f.name: f for f in fields(cls)}
+    for k in raw:
+        if k not in known:
+            allowed = ", ".join(prefix + n for n in known)
+            raise ConfigError(f"{prefix}{k}", "unknown key", allowed)
+    kwargs = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        typ = f.default_factory if f.default_factory is not MISSING else None
+        if typ is not None and is_dataclass(typ):
+            kwargs[name] = _build(typ, raw[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, raw[name], f.metadata)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"-P {text}", "expected key=value", "key=value with a dotted key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # an unparsable value is a plain string; type checks come later
+    return key, parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section", "a mapping of keys")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_params(path: Path | str | None) -> dict[str, Any]:
+    """Read a params file. None means the project's params.yaml, which may be absent."""
+    from sgdnoise.paths import default_params_file
+
+    explicit = path is not None
+    p = Path(path) if explicit else default_params_file()
+    if not p.is_file():
+        if explicit:
+            raise ConfigError("--params", f"{str(p)!r} does not exist", "a readable YAML file")
+        return {}
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid YAML"
+        raise ConfigError(
+            "--params", f"{p} is not valid YAML ({first})", "a YAML mapping"
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--params", f"{p} does not hold a mapping", "a YAML mapping")
+    return raw
+
+
+def load_config(
+    params: Path | str | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    num_processes: int | None = None,
+) -> Config:
+    """params file + overrides -> a validated, resolved Config. Raises ConfigError."""
+    raw = read_params(params)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return from_dict(raw, num_processes=num_processes)
+
+
+def from_dict(raw: Mapping[str, Any], *, num_processes: int | None = None) -> Config:
+    allowed = ", ".join((*SECTIONS, "studies"))
+    for k in raw:
+        if k not in (*SECTIONS, "studies"):
+            raise ConfigError(str(k), "unknown key", allowed)
+    sections = {s: _build(_SECTION_TYPES[s], raw.get(s) or {}, f"{s}.") for s in SECTIONS}
+    studies = raw.get("studies") or {}
+    if not isinstance(studies, Mapping):
+        raise ConfigError("studies", "is not a mapping", "a mapping of study names to studies")
+    cfg = Config(**sections, studies=dict(studies))
+    if num_processes is None:
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return _resolve(cfg, num_processes)
+
+
+def _resolve(cfg: Config, processes: int) -> Config:
+    """Fill derived values and reject impossible combinations."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    kind = DATASETS[d.name]
+    if kind not in INPUT_KINDS[m.name]:
+        ok = [n for n, kinds in INPUT_KINDS.items() if kind in kinds]
+        raise ConfigError(
+            "model.name", f"{m.name} does not take {d.name} ({kind} input)", " | ".join(ok)
+        )
+    if m.norm not in MODEL_NORMS[m.name]:
+        raise ConfigError(
+            "model.norm", f"{m.name} has no {m.norm!r} norm", " | ".join(MODEL_NORMS[m.name])
+        )
+    defaults = MODEL_DEFAULTS[m.name]
+    m = replace(
+        m,
+        depth=m.depth if m.depth is not None else defaults["depth"],
+        width=m.width if m.width is not None else defaults["width"],
+    )
+    if m.name == "wrn" and (m.depth - 4) % 6:
+        raise ConfigError(
+            "model.depth", f"{m.depth} is not 6n + 4 for a Wide-ResNet", "10, 16, 22, 28, 40, ..."
+        )
+
+    B = t.batch_size
+    if B % processes:
+        raise ConfigError(
+            "train.batch_size", f"B={B} does not split over {processes} processes",
+            f"a multiple of the process count {processes}",
+        )  # fmt: skip
+    per_process = B // processes
+    micro = t.micro_batch_size if t.micro_batch_size is not None else per_process
+    if per_process % micro:
+        raise ConfigError(
+            "train.micro_batch_size",
+            f"B={B} is not divisible by micro_batch_size x processes = {micro} x {processes}",
+            f"a divisor of B / processes = {per_process}",
+        )
+    if (
+        m.norm == "ghost"
+        and micro % m.ghost_batch_size
+        and not (micro == B and B < m.ghost_batch_size)
+    ):
+        raise ConfigError(
+            "train.micro_batch_size",
+            f"{micro} is not a multiple of model.ghost_batch_size = {m.ghost_batch_size}",
+            f"a multiple of {m.ghost_batch_size} (or B < {m.ghost_batch_size} without splitting)",
+        )
+    if t.budget.unit == "steps" and t.budget.value != int(t.budget.value):
+        raise ConfigError(
+            "train.budget.value", f"{t.budget.value} steps is not whole", "a whole number of steps"
+        )
+    t = replace(t, micro_batch_size=micro)
+    if t.optimizer == "sgd":
+        t = replace(t, momentum=0.0)  # recorded as used: plain SGD has no momentum
+    return replace(cfg, model=m, train=t)
+
+
+def accumulation_steps(cfg: Config, processes: int) -> int:
+    return cfg.train.batch_size // (cfg.train.micro_batch_size * processes)

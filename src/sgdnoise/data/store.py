@@ -1,0 +1,117 @@
+"""Prepared datasets held in memory, on the training device, as plain tensors.
+
+Batches are then gathered by index on the device (no DataLoader, no per-sample Python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgdnoise.config import ConfigError, DataConfig
+from sgdnoise.data.prepare import META, TENSORS, locked, prepare
+from sgdnoise.data.sources import identity
+
+
+@dataclass
+class InMemoryData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def augment(self) -> str | None:
+        return self.meta.get("augment")
+
+    @property
+    def checksum(self) -> str:
+        return str(self.meta["checksum"])
+
+
+def load_prepared(path: Path, device: torch.device | str = "cpu") -> InMemoryData:
+    """Load a prepared folder onto `device` as float32 inputs and int64 labels.
+
+    The file is read once and its sha256 checked against meta.json before unpickling.
+    Raw (uint8) images move to the device first and are normalised there: a quarter of
+    the transfer, and the float copy is made by the accelerator.
+    """
+    path = Path(path)
+    try:
+        with locked(path.parent, shared=True):
+            meta = json.loads((path / META).read_text())
+            blob = (path / TENSORS).read_bytes()
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            "data.name", f"no readable prepared data at {path} ({type(e).__name__})",
+            "a folder written by `prepare` (run the prepare step first)",
+        ) from None  # fmt: skip
+    if hashlib.sha256(blob).hexdigest() != meta.get("checksum"):
+        raise ConfigError(
+            "data.name", f"{path / TENSORS} does not match the checksum in {META}",
+            "an intact prepared folder (delete it and prepare again)",
+        )  # fmt: skip
+    t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    device = torch.device(device)
+    norm = meta.get("normalization")
+    xs = [_inputs(t[k].to(device), norm) for k in ("train_x", "test_x")]
+    ys = [t[k].to(device=device, dtype=torch.int64) for k in ("train_y", "test_y")]
+    return InMemoryData(xs[0], ys[0], xs[1], ys[1], meta)
+
+
+def _inputs(x: torch.Tensor, norm: dict[str, Any] | None) -> torch.Tensor:
+    x = x.to(torch.float32)
+    if not norm or norm.get("at") != "load":
+        return x
+    # Per-channel statistics broadcast over dim 1 (C of (N, C, H, W)).
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(norm["mean"], dtype=torch.float32, device=x.device).view(shape)
+    std = torch.tensor(norm["std"], dtype=torch.float32, device=x.device).view(shape)
+    return (x / float(norm.get("scale", 1.0)) - mean) / std
+
+
+def ensure_prepared(cfg: DataConfig, root: Path | None = None) -> Path:
+    """The prepared folder for `cfg`, (re)preparing it when missing or stale."""
+    return prepare(cfg, root)
+
+
+def load(
+    cfg: DataConfig, device: torch.device | str = "cpu", root: Path | None = None
+) -> InMemoryData:
+    """ensure_prepared + load_prepared: what a training run calls.
+
+    The folder is per dataset name, so a concurrent run with other data settings (another
+    num_samples, say) can replace it between the two steps; check what was read, retry once.
+    """
+    for _ in range(2):
+        data = load_prepared(ensure_prepared(cfg, root), device)
+        if data.meta.get("source") == identity(cfg):
+            return data
+    raise ConfigError(
+        "data.name",
+        f"data/prepared/{cfg.name} keeps being replaced by runs with other data settings",
+        "one data setting per dataset and project root at a time",
+    )

@@ -1,0 +1,36 @@
+"""Models by name. Light to import: building a model pulls in torch only when called."""
+
+from __future__ import annotations
+
+# Per-model defaults for the size keys (`model.depth`, `model.width`); null in params
+# means "the model's default", and the resolved value is what a run records.
+#   mlp:         depth = hidden layers, width = hidden units
+#   cnn1d:       depth = conv layers,   width = channels
+#   wrn:         depth = 6n + 4,        width = widening factor k (16-4 by default)
+#   autoencoder: fixed 784-1000-500-250-30 and mirror; depth/width unused
+#   resnet50:    torchvision's; depth/width unused
+MODEL_DEFAULTS: dict[str, dict[str, int | None]] = {
+    "mlp": {"depth": 2, "width": 256},
+    "cnn1d": {"depth": 3, "width": 32},
+    "wrn": {"depth": 16, "width": 4},
+    "autoencoder": {"depth": None, "width": None},
+    "resnet50": {"depth": None, "width": None},
+}
+
+# Which normalizations each model implements.
+MODEL_NORMS: dict[str, tuple[str, ...]] = {
+    "mlp": ("none", "batch", "ghost"),
+    "cnn1d": ("none", "batch", "ghost"),
+    "wrn": ("batch", "ghost", "skipinit"),
+    "autoencoder": ("none", "batch", "ghost"),
+    "resnet50": ("batch", "ghost"),
+}
+
+# Which dataset input kinds (data.DATASETS) each model accepts.
+INPUT_KINDS: dict[str, tuple[str, ...]] = {
+    "mlp": ("sequence", "image", "vector"),
+    "cnn1d": ("sequence",),
+    "wrn": ("image",),
+    "autoencoder": ("sequence", "image", "vector"),
+    "resnet50": ("image",),
+}

@@ -1,0 +1,46 @@
+"""Where things live: the project root, prepared data and the default tracking store.
+
+Every path is absolute and derived from the project root, so DVC stages, `mlflow run`,
+tests in temporary directories and sweep workers never scatter databases or data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT_ENV = "SGDNOISE_ROOT"
+_MARKERS = ("params.yaml", "MLproject")
+
+
+def project_root() -> Path:
+    """The directory holding params.yaml (or MLproject), searched upwards from the cwd.
+
+    $SGDNOISE_ROOT wins; with no marker anywhere above, the cwd is the root.
+    """
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        return Path(env).resolve()
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if any((d / m).is_file() for m in _MARKERS):
+            return d
+    return cwd
+
+
+def default_params_file() -> Path:
+    return project_root() / "params.yaml"
+
+
+def prepared_dir(dataset: str, root: Path | None = None) -> Path:
+    return (root or project_root()) / "data" / "prepared" / dataset
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """MLflow 3's default store, but pinned to an absolute path at the project root."""
+    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def resolve_under_root(path: str, root: Path | None = None) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (root or project_root()) / p

@@ -1,0 +1,313 @@
+"""One training run: B = micro_batch × accumulation × processes, exactly.
+
+Accelerate sets up the processes (torchrun / accelerate launch), the device, DDP and
+autocast. The accumulation loop itself is written out here rather than through
+`accelerator.accumulate` / a prepared optimizer: those wrappers cost about a third of a
+small model's step on CPU (see benchmarks/step_time.py), and writing it out makes the
+exactness argument visible: every micro-batch's mean loss is divided by the number of
+micro-batches, DDP averages over processes, so the update is the mean over all B examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sgdnoise.config import Config, accumulation_steps
+from sgdnoise.data.order import BatchOrder, derived_seed
+from sgdnoise.optim import lr_table, make_optimizer
+from sgdnoise.paths import project_root
+
+# Divergence is checked every this many steps (a host sync; cheap on CPU, not free on GPU).
+CHECK_EVERY = 16
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    run_key: str
+    status: str  # "finished" | "diverged"
+    metrics: dict[str, float]
+    state_sha256: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    is_main: bool = True
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "run_key": self.run_key,
+            "status": self.status,
+            **self.metrics,
+            "state_sha256": self.state_sha256,
+        }
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters and buffers, in sorted-name order, with dtypes and shapes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    budget = cfg.train.budget
+    if budget.unit == "steps":
+        return int(budget.value)
+    return max(1, round(budget.value * n_train / cfg.train.batch_size))
+
+
+def eval_steps(total: int, points: int) -> list[int]:
+    """`points` evenly spaced evaluation steps from 0, plus the final step."""
+    return sorted({round(i * total / points) for i in range(points)} | {total})
+
+
+def _threads(cfg: Config, local_processes: int) -> int:
+    if cfg.train.threads:
+        return cfg.train.threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or a sweep worker's) share
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, local_processes))
+
+
+class _Evaluator:
+    """Full-dataset loss/accuracy in eval mode, sharded over processes and summed."""
+
+    def __init__(self, model, data, task: str, batch: int, acc, autocast):
+        self.model, self.data, self.task, self.batch = model, data, task, batch
+        self.acc, self.autocast = acc, autocast
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        p, n_proc = self.acc.process_index, self.acc.num_processes
+        lo, hi = p * len(x) // n_proc, (p + 1) * len(x) // n_proc
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=x.device)
+        for i in range(lo, hi, self.batch):
+            xb, yb = x[i : min(i + self.batch, hi)], y[i : min(i + self.batch, hi)]
+            with self.autocast():
+                out = self.model(xb)
+            out = out.float()
+            if self.task == "reconstruction":
+                sums[0] += F.mse_loss(out, xb, reduction="sum") / xb[0].numel()
+            else:
+                sums[0] += F.cross_entropy(out, yb, reduction="sum")
+                sums[1] += (out.argmax(1) == yb).sum()
+            sums[2] += len(xb)
+        if n_proc > 1:
+            sums = self.acc.reduce(sums, reduction="sum")
+        self.model.train(was_training)
+        return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+def train(
+    cfg: Config,
+    *,
+    root: Path | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    track: bool = True,
+) -> RunResult:
+    """Train one configuration; log it to MLflow on the main process; return its result."""
+    from accelerate import Accelerator
+
+    from sgdnoise import tracking
+    from sgdnoise.data.store import ensure_prepared, load_prepared
+    from sgdnoise.models.build import build_model
+
+    root = root or project_root()
+    t_cfg = cfg.train
+    want_cuda = t_cfg.device == "cuda" or (t_cfg.device == "auto" and torch.cuda.is_available())
+    acc = Accelerator(
+        cpu=not want_cuda, mixed_precision="bf16" if t_cfg.precision == "bf16" else "no"
+    )
+    P = acc.num_processes
+    torch.set_num_threads(_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", P))))
+    K = accumulation_steps(cfg, P)
+    M = t_cfg.micro_batch_size
+    device = acc.device
+
+    with acc.main_process_first():
+        data_dir = ensure_prepared(cfg.data, root)
+    data = load_prepared(data_dir, device)
+    task = "reconstruction" if cfg.model.name == "autoencoder" else "classification"
+    augment = data.meta.get("augment")
+    if augment not in (None, "crop_flip"):
+        raise ValueError(f"unknown augmentation {augment!r} in {data_dir}/meta.json")
+
+    torch.manual_seed(derived_seed("init", t_cfg.seed))
+    model = build_model(cfg.model, tuple(data.input_shape), data.num_classes).to(device)
+    optimizer = make_optimizer(model, cfg)
+    total = total_steps(cfg, data.n_train)
+    lrs = lr_table(t_cfg.schedule, cfg.lr, total, t_cfg.warmup)
+    evals = eval_steps(total, t_cfg.eval_points)
+    order = BatchOrder(data.n_train, t_cfg.batch_size, t_cfg.seed, device)
+    if P > 1:
+        model = acc.prepare_model(model)
+    net = acc.unwrap_model(model)
+    evaluate = _Evaluator(net, data, task, t_cfg.eval_batch_size, acc, acc.autocast)
+
+    tracker = None
+    if track and acc.is_main_process:
+        tracker = tracking.RunTracker(cfg, root)
+        derived = {
+            "derived.lr": cfg.lr,
+            "derived.accumulation": K,
+            "derived.processes": P,
+            "derived.total_steps": total,
+            "derived.n_train": data.n_train,
+            "derived.bn_batch": _bn_batch(cfg),
+        }
+        tags = tracking.provenance_tags(
+            cfg, root, data_checksum=data.checksum, device=str(device), processes=P
+        )
+        tracker.start(
+            params={**cfg.flat(), **derived},
+            tags={**tags, **(extra_tags or {})},
+            run_name=tracking.run_name(cfg),
+            parent_run_id=parent_run_id,
+        )
+    try:
+        result = _loop(
+            cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task, augment,
+            K, M, tracker,
+        )  # fmt: skip
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    if tracker:
+        tracker.finish(
+            result.metrics,
+            {
+                tracking.TAG + "status": result.status,
+                tracking.TAG + "state_sha256": result.state_sha256,
+            },
+            "FINISHED",
+        )
+        result.run_id = tracker.run_id
+    result.is_main = acc.is_main_process
+    return result
+
+
+def _bn_batch(cfg: Config) -> int | str:
+    """The number of examples each normalization statistic is computed over."""
+    if cfg.model.norm == "ghost":
+        return min(cfg.model.ghost_batch_size, cfg.train.micro_batch_size)
+    if cfg.model.norm == "batch":
+        return cfg.train.micro_batch_size
+    return "none"
+
+
+def _loop(
+    cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task, augment, K, M, tracker
+):
+    from sgdnoise.data.augment import apply_crop_flip, crop_flip_params
+
+    t_cfg = cfg.train
+    total = len(lrs)
+    P, rank = acc.num_processes, acc.process_index
+    share = t_cfg.batch_size // P
+    X, Y = data.train_x, data.train_y
+    group = optimizer.param_groups[0]
+    no_sync = model.no_sync if P > 1 else contextlib.nullcontext
+    autocast = acc.autocast
+    reconstruction = task == "reconstruction"
+    history: list[dict[str, float]] = []
+    next_eval = 0
+    initial_loss = math.inf
+    status, stopped_at = "finished", total
+    train_time = 0.0
+    model.train()
+
+    def record(step: int) -> float:
+        tr_loss, tr_acc = evaluate(X, Y)
+        te_loss, te_acc = evaluate(data.test_x, data.test_y)
+        row = {"train_loss": tr_loss, "test_loss": te_loss, "lr": lrs[min(step, total - 1)]}
+        if not reconstruction:
+            row["test_accuracy"] = te_acc
+            row["train_accuracy"] = tr_acc
+        history.append({"step": step, **row})
+        if tracker:
+            tracker.log_metrics(row, step)
+        return tr_loss
+
+    def diverged(value: float) -> bool:
+        bad = not math.isfinite(value) or value > t_cfg.divergence_factor * initial_loss
+        if P > 1:  # every process must stop at the same step
+            flag = torch.tensor([float(bad)], device=acc.device)
+            bad = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        return bad
+
+    loss = None
+    t0 = time.perf_counter()
+    for s in range(total):
+        if s == evals[next_eval]:
+            train_time += time.perf_counter() - t0
+            value = record(s)
+            if s == 0:
+                initial_loss = value if math.isfinite(value) else math.inf
+            next_eval += 1
+            if diverged(value):
+                status, stopped_at = "diverged", s
+                break
+            t0 = time.perf_counter()
+        idx = order.global_batch(s)
+        if P > 1:
+            idx = idx[rank * share : (rank + 1) * share]
+        if augment:
+            # Drawn for the whole global batch, then sliced: a sample's augmentation does
+            # not depend on how the batch is split over micro-batches and processes.
+            gen = torch.Generator(device=X.device).manual_seed(derived_seed("aug", t_cfg.seed, s))
+            aug = crop_flip_params(t_cfg.batch_size, gen)
+        group["lr"] = lrs[s]
+        for j in range(K):
+            mb = idx[j * M : (j + 1) * M] if K > 1 else idx
+            x, y = X[mb], Y[mb]
+            if augment:
+                lo = rank * share + j * M
+                x = apply_crop_flip(x, *(a[lo : lo + M] for a in aug))
+            with no_sync() if j < K - 1 else contextlib.nullcontext():
+                with autocast():
+                    out = model(x)
+                if reconstruction:
+                    loss = F.mse_loss(out.float(), x)
+                else:
+                    loss = F.cross_entropy(out.float(), y)
+                (loss / K if K > 1 else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (s + 1) % CHECK_EVERY == 0 and diverged(loss.item()):
+            status, stopped_at = "diverged", s + 1
+            break
+    train_time += time.perf_counter() - t0
+    if status == "finished":
+        record(total)
+    elif history[-1]["step"] != stopped_at:
+        record(stopped_at)
+
+    last = history[-1]
+    metrics = {
+        "final_train_loss": last["train_loss"],
+        "final_test_loss": last["test_loss"],
+        "diverged": float(status == "diverged"),
+        "steps": float(stopped_at),
+        "epochs": order.epochs(stopped_at),
+        "examples_per_second": stopped_at * t_cfg.batch_size / max(train_time, 1e-9),
+    }
+    if not reconstruction:
+        metrics["final_test_accuracy"] = last["test_accuracy"]
+        metrics["final_train_accuracy"] = last["train_accuracy"]
+    return RunResult(None, cfg.run_key, status, metrics, state_sha256(net), history)
