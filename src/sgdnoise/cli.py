@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from sgdnoise.config import Config, ConfigError, load_config
+from sgdnoise.config import Config, ConfigError, load_config, raw_params
 
 EXIT_BAD_INPUT = 2
 _PASSTHROUGH = re.compile(r"^--((?:data|model|train|tracking)\.[A-Za-z0-9_.]+)(?:=(.*))?$")
@@ -46,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.add_argument("--save-state", metavar="FILE", help="save the final state_dict (torch.save)")
+
+    p = sub.add_parser("sweep", help="run a study's grid, each point exactly once")
+    _common(p)
+    p.add_argument("study", help="a study name under `studies:` in params")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
+
+    p = sub.add_parser("status", help="progress of a study's sweep")
+    _common(p)
+    p.add_argument("study")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -75,19 +88,23 @@ def _config(args: argparse.Namespace, extra: list[str]) -> Config:
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = _config(args, extra)  # validate before importing torch: bad input fails fast
     from sgdnoise.data.prepare import prepare
 
-    cfg = _config(args, extra)
     path = prepare(cfg.data)
     print(path)
     return 0
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = _config(args, extra)
     from sgdnoise.train import train
 
-    cfg = _config(args, extra)
-    result = train(cfg, track=not args.no_track)
+    result = train(cfg, track=not args.no_track, keep_state=bool(args.save_state))
+    if result.is_main and args.save_state:
+        import torch
+
+        torch.save(result.state, args.save_state)
     if result.is_main:
         m = result.metrics
         line = f"{result.status}: {int(m['steps'])} steps, train loss {m['final_train_loss']:.4g}"
@@ -99,7 +116,30 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train}
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.sweep import run_sweep
+
+    if args.workers < 1:
+        raise ConfigError("--workers", f"{args.workers} is not >= 1", "an integer >= 1")
+    raw = raw_params(args.params, [*args.overrides, *extra])
+    return run_sweep(raw, args.study, workers=args.workers, storage=args.storage)
+
+
+def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.sweep import format_status, study_status
+
+    raw = raw_params(args.params, [*args.overrides, *extra])
+    status = study_status(raw, args.study, storage=args.storage)
+    print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "sweep": cmd_sweep,
+    "status": cmd_status,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

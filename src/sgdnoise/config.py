@@ -7,6 +7,7 @@ the CLI prints as one line `error: <key>: <what is wrong>; allowed: <...>` with 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -335,6 +336,23 @@ def read_params(path: Path | str | None) -> dict[str, Any]:
     return raw
 
 
+def raw_params(params: Path | str | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """params file + `key=value` overrides, not yet validated (a sweep adds grid values)."""
+    raw = read_params(params)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def with_values(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `raw` with dotted keys set (e.g. a study's fixed values and a grid point)."""
+    out = copy.deepcopy(dict(raw))
+    for key, value in values.items():
+        _set_dotted(out, key, value)
+    return out
+
+
 def load_config(
     params: Path | str | None = None,
     overrides: Iterable[str] = (),
@@ -342,11 +360,7 @@ def load_config(
     num_processes: int | None = None,
 ) -> Config:
     """params file + overrides -> a validated, resolved Config. Raises ConfigError."""
-    raw = read_params(params)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
-    return from_dict(raw, num_processes=num_processes)
+    return from_dict(raw_params(params, overrides), num_processes=num_processes)
 
 
 def from_dict(raw: Mapping[str, Any], *, num_processes: int | None = None) -> Config:

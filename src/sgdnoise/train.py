@@ -40,6 +40,8 @@ class RunResult:
     state_sha256: str
     history: list[dict[str, float]] = field(default_factory=list)
     is_main: bool = True
+    # The final parameters and buffers (on CPU), kept only when asked for.
+    state: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -57,7 +59,7 @@ def state_sha256(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -119,6 +121,7 @@ def train(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     track: bool = True,
+    keep_state: bool = False,
 ) -> RunResult:
     """Train one configuration; log it to MLflow on the main process; return its result."""
     from accelerate import Accelerator
@@ -199,6 +202,8 @@ def train(
         )
         result.run_id = tracker.run_id
     result.is_main = acc.is_main_process
+    if keep_state:
+        result.state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return result
 
 

@@ -1,0 +1,127 @@
+"""One tracked run through the real CLI and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fakes import write_fake_cifar10, write_fake_mnist
+from helpers import SMALL, cli, tracking_uri
+from mlflow.tracking import MlflowClient
+
+from sgdnoise.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _result(res: subprocess.CompletedProcess) -> dict:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_divergence_is_data_not_a_crash(project: Path) -> None:
+    out = _result(
+        cli(project, "train", "-P", "train.lr_eff=2^10", "-P", "train.budget.value=60", "--json")
+    )
+    assert out["status"] == "diverged" and out["diverged"] == 1.0
+    assert out["steps"] < 60  # stopped early, at the step it was detected
+    run = MlflowClient(tracking_uri(project)).get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sgdnoise.status"] == "diverged"
+    assert run.data.metrics["diverged"] == 1.0
+
+
+def test_run_record_holds_config_metrics_and_provenance(project: Path) -> None:
+    sub = project / "sub"
+    sub.mkdir()
+    # Run from a subdirectory: the store is still the one at the project root.
+    out = _result(cli(sub, "train", "-P", "train.lr_eff=0.25", "--json"))
+    assert out["status"] == "finished" and len(out["state_sha256"]) == 64
+    assert not (sub / "mlflow.db").exists()
+    mlf = MlflowClient(tracking_uri(project))
+    run = mlf.get_run(out["run_id"])
+    cfg = load_config(project / "params.yaml", ["train.lr_eff=0.25"])
+
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "momentum B=32 lr=2^-2 20st s0"
+    for key, value in cfg.flat().items():
+        assert run.data.params[key] == ("null" if value is None else str(value)), key
+    assert run.data.params["derived.accumulation"] == "1"
+    for key in ("final_train_loss", "final_test_loss", "final_test_accuracy", "diverged", "steps"):
+        assert run.data.metrics[key] == out[key], key
+    assert run.data.metrics["epochs"] == 20 * 32 / 480
+    assert run.data.metrics["examples_per_second"] > 0
+    for key in ("train_loss", "test_loss", "test_accuracy", "lr"):
+        steps = [m.step for m in mlf.get_metric_history(out["run_id"], key)]
+        assert steps == [0, 10, 20], key  # eval_points=2 plus the final one
+
+    tags = run.data.tags
+    meta = json.loads((project / "data/prepared/mnist1d/meta.json").read_text())
+    assert tags["sgdnoise.run_key"] == cfg.run_key == out["run_key"]
+    assert tags["sgdnoise.status"] == "finished"
+    assert tags["sgdnoise.data_checksum"] == meta["checksum"]
+    assert tags["sgdnoise.git_commit"]
+    versions = json.loads(tags["sgdnoise.versions"])
+    assert {"python", "torch", "mlflow", "accelerate", "sgdnoise"} <= versions.keys()
+    assert tags["sgdnoise.device"] == "cpu" and tags["sgdnoise.processes"] == "1"
+
+    art = Path(mlf.download_artifacts(out["run_id"], "config.json", str(project / "dl")))
+    assert json.loads(art.read_text()) == cfg.to_dict()
+    assert str(project / "mlruns") in run.info.artifact_uri  # artifacts beside the store
+
+
+def test_same_config_same_run(project: Path) -> None:
+    a = _result(cli(project, "train", "--no-track", "--json"))
+    b = _result(cli(project, "train", "--no-track", "--json"))
+    assert a["state_sha256"] == b["state_sha256"]
+    c = _result(cli(project, "train", "--no-track", "--json", "-P", "train.seed=1"))
+    assert c["state_sha256"] != a["state_sha256"]
+
+
+def test_mlflow_run_entry_point_offline(project: Path) -> None:
+    for name in ("MLproject", "python_env.yaml"):
+        shutil.copy(REPO / name, project / name)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(project)}
+    cmd = [
+        sys.executable, "-m", "mlflow", "run", str(project), "-e", "train",
+        "-P", "train.lr_eff=0.5", "-P", "train.budget.value=10", "--env-manager", "local",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    out = _result(res)
+    run = MlflowClient(tracking_uri(project)).get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.project.entryPoint"] == "train"
+    assert run.data.params["train.lr_eff"] == "0.5"
+    assert run.data.metrics["steps"] == 10.0
+    assert run.data.tags["sgdnoise.status"] == "finished"
+
+
+def test_torchvision_formats_train_a_few_steps(project: Path) -> None:
+    raw = project / "data" / "raw"
+    write_fake_cifar10(raw, 64, 32)
+    write_fake_mnist(raw, 64, 32)
+    write_fake_mnist(raw, 64, 32, cls_name="FashionMNIST")
+    runs = [
+        ("cifar10", "wrn", "ghost", ["-P", "model.depth=10", "-P", "model.width=1"]),
+        ("mnist", "mlp", "none", []),
+        ("fashion_mnist", "autoencoder", "none", []),
+    ]
+    for data, model, norm, extra in runs:
+        args = ["-P", f"data.name={data}", "-P", f"model.name={model}", "-P", f"model.norm={norm}"]
+        args += [
+            "-P",
+            "train.batch_size=16",
+            "-P",
+            "train.budget.value=3",
+            "-P",
+            "model.ghost_batch_size=8",
+        ]
+        out = _result(cli(project, "train", "--json", *args, *extra))
+        assert out["status"] == "finished" and out["steps"] == 3.0, data
+        assert ("final_test_accuracy" in out) == (model != "autoencoder")
+        meta = json.loads((project / "data/prepared" / data / "meta.json").read_text())
+        assert meta["n_train"] == 64 and meta["n_test"] == 32
