@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import write_fake_cifar10, write_fake_mnist
 
 from sgdnoise.config import ConfigError, DataConfig
 from sgdnoise.data.augment import apply_crop_flip, crop_flip, crop_flip_params
 from sgdnoise.data.prepare import prepare
 from sgdnoise.data.store import ensure_prepared, load, load_prepared
+
+from fakes import write_fake_cifar10, write_fake_mnist
 
 
 def sha256(path: Path) -> str:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, write_project
 
 from sgdnoise.config import from_dict, with_values
 from sgdnoise.train import train
+
+from helpers import SMALL, write_project
 
 
 def _run(root: Path, **values):

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fakes import write_fake_cifar10, write_fake_mnist
-from helpers import SMALL, cli, tracking_uri
 from mlflow.tracking import MlflowClient
 
 from sgdnoise.config import load_config
+
+from fakes import write_fake_cifar10, write_fake_mnist
+from helpers import cli, tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
