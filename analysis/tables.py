@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -36,7 +37,7 @@ def default_objective(table: pd.DataFrame, metric: str | None, direction: str | 
         direction = "maximize" if "acc" in metric else "minimize"
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction {direction!r} is not one of maximize, minimize")
-    return Objective(metric, direction)  # type: ignore[arg-type]
+    return Objective(metric, cast(Direction, direction))
 
 
 def study_kind(table: pd.DataFrame) -> str:
@@ -54,15 +55,18 @@ def series_labels(table: pd.DataFrame) -> pd.Series:
     budgets = table[["budget_unit", "budget_value"]].drop_duplicates()
     if len(budgets) == 1:
         return table["optimizer"].astype(str)
-    return table["optimizer"].astype(str) + " @ " + [
-        budget_label(u, v) for u, v in zip(table["budget_unit"], table["budget_value"], strict=True)
-    ]
+    return (
+        table["optimizer"].astype(str)
+        + " @ "
+        + [
+            budget_label(u, v)
+            for u, v in zip(table["budget_unit"], table["budget_value"], strict=True)
+        ]
+    )
 
 
 def _counts(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    return df.groupby(by, sort=True).agg(
-        n_runs=("run_id", "size"), n_diverged=("diverged", "sum")
-    )
+    return df.groupby(by, sort=True).agg(n_runs=("run_id", "size"), n_diverged=("diverged", "sum"))
 
 
 def batch_size_table(table: pd.DataFrame, objective: Objective, rule: Rule) -> pd.DataFrame:
@@ -95,9 +99,8 @@ def epoch_budget_table(table: pd.DataFrame, objective: Objective, rule: Rule) ->
     to the smallest budget's."""
     parts = []
     for optimizer, odf in table.groupby("optimizer", sort=True):
-        odf = odf.assign(budget=odf["budget_value"])
-        train = select(build_cube(odf, "budget", TRAIN_METRIC, "minimize"), rule)
-        test = select(build_cube(odf, "budget", objective.metric, objective.direction), rule)
+        train = select(build_cube(odf, "budget_value", TRAIN_METRIC, "minimize"), rule)
+        test = select(build_cube(odf, "budget_value", objective.metric, objective.direction), rule)
         part = pd.DataFrame({"optimizer": optimizer, "budget_value": train["group"]})
         part["budget_unit"] = odf["budget_unit"].iloc[0]
         part["batch_size"] = int(odf["batch_size"].iloc[0])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from sgdnoise.config import Config, ConfigError, load_config, raw_params
 
 EXIT_BAD_INPUT = 2
-_PASSTHROUGH = re.compile(r"^--((?:data|model|train|tracking)\.[A-Za-z0-9_.]+)(?:=(.*))?$")
+_PASSTHROUGH = re.compile(r"^--((?:data|model|train|tracking|nqm)\.[A-Za-z0-9_.]+)(?:=(.*))?$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a study name under `studies:` in params")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
+
+    p = sub.add_parser("nqm", help="one noisy-quadratic-model configuration (exact, in seconds)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    p.add_argument("--track", action="store_true", help="also record it in MLflow")
+
+    p = sub.add_parser("analyze", help="tables and figures of a study, from MLflow")
+    _common(p)
+    p.add_argument("study")
+    p.add_argument("--selection", choices=("per_seed", "mean_curve"), default="per_seed")
+    p.add_argument("--out", default=None, help="output folder (default: results/STUDY)")
+    p.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
+
+    p = sub.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
+    _common(p)
+    p.add_argument("--port", type=int, default=5000)
 
     p = sub.add_parser("status", help="progress of a study's sweep")
     _common(p)
@@ -134,7 +150,95 @@ def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_nqm(args: argparse.Namespace, extra: list[str]) -> int:
+    """`train` with data.name = model.name = nqm and a step budget filled in."""
+    raw = raw_params(args.params, [*args.overrides, *extra])
+    pinned = {"data.name": "nqm", "model.name": "nqm", "model.norm": "none"}
+    for key, value in pinned.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    # The NQM has no epochs: an epoch budget from params becomes 1000 steps unless the
+    # command line sets a value.
+    given = {o.partition("=")[0].strip() for o in [*args.overrides, *extra]}
+    budget = raw.setdefault("train", {}).setdefault("budget", {})
+    if budget.get("unit", "epochs") == "epochs":
+        budget["unit"] = "steps"
+        if "train.budget.value" not in given:
+            budget["value"] = 1000
+    from sgdnoise.config import from_dict
+
+    cfg = from_dict(raw)
+    from sgdnoise.train import train
+
+    result = train(cfg, track=args.track)
+    m = result.metrics
+    line = (
+        f"{result.status}: expected loss {m['final_train_loss']:.6g} after {int(m['steps'])} steps"
+    )
+    if "steps_to_target" in m:
+        line += f", target reached at step {m['steps_to_target']:g}"
+    print(line, file=sys.stderr)
+    if args.json:
+        summary = result.summary()
+        if "steps_to_target" in summary and summary["steps_to_target"] == float("inf"):
+            summary["steps_to_target"] = None
+        summary["final_loss"] = m["final_train_loss"]
+        summary.setdefault("steps_to_target", None)
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from sgdnoise.paths import project_root
+    from sgdnoise.tracking import resolve_uri
+
+    cfg = _config(args, extra)
+    spec = cfg.studies.get(args.study) or {}
+    metric = spec.get("metric") or {} if isinstance(spec, dict) else {}
+    out = Path(args.out) if args.out else project_root() / "results" / args.study
+    from analysis import analyze
+
+    try:
+        res = analyze(
+            args.study,
+            tracking_uri=resolve_uri(cfg),
+            experiment=cfg.tracking.experiment,
+            out_dir=out,
+            selection=args.selection,
+            metric=metric.get("name"),
+            direction=metric.get("direction"),
+            log_to_mlflow=not args.no_log,
+        )
+    except LookupError as e:
+        print(f"error: {args.study}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(res["markdown"])
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
+    import subprocess
+
+    from sgdnoise.tracking import client, experiment_id, redact, resolve_uri
+
+    cfg = _config(args, extra)
+    uri = resolve_uri(cfg)
+    exp = experiment_id(client(uri), cfg.tracking.experiment)
+    base = f"http://127.0.0.1:{args.port}"
+    # A fresh browser opens the GenAI view; this link lands on the runs table.
+    print(f"runs: {base}/#/experiments/{exp}/runs?workflowType=machine_learning")
+    print(f"store: {redact(uri)}", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call([*cmd, "--backend-store-uri", uri])
+
+
 COMMANDS = {
+    "analyze": cmd_analyze,
+    "nqm": cmd_nqm,
+    "ui": cmd_ui,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "sweep": cmd_sweep,

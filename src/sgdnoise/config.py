@@ -144,11 +144,27 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class NQMSection:
+    """The noisy quadratic model (data.name = model.name = nqm): spectrum h_i = i^-h_power,
+    gradient-noise variances c_i = c_scale h_i, start θ_0,i = theta0 (Zhang et al. 2019)."""
+
+    dim: int = spec(10_000, int, check=_positive, allowed="an integer >= 1")
+    h_power: float = spec(1.0, float, check=lambda v: v >= 0, allowed="a number >= 0")
+    c_scale: float = spec(1.0, float, check=lambda v: v >= 0, allowed="a number >= 0")
+    theta0: float = spec(1.0, float)
+    # steps_to_target: the first step at which the expected loss reaches this (null: none).
+    target: float | None = spec(
+        None, float, nullable=True, check=_positive, allowed="a number > 0 or null"
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    nqm: NQMSection = field(default_factory=NQMSection)
     # Study definitions are validated by the sweep; kept raw here.
     studies: Mapping[str, Any] = field(default_factory=dict)
 
@@ -174,7 +190,12 @@ class Config:
         return dict(_flatten(self.to_dict()))
 
     def identity(self) -> dict[str, Any]:
-        return {s: _identity_dict(getattr(self, s)) for s in SECTIONS}
+        # The nqm section only identifies NQM runs (its defaults may change freely otherwise).
+        return {
+            s: _identity_dict(getattr(self, s))
+            for s in SECTIONS
+            if s != "nqm" or self.data.name == "nqm"
+        }
 
     @property
     def run_key(self) -> str:
@@ -183,7 +204,7 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-SECTIONS = ("data", "model", "train", "tracking")
+SECTIONS = ("data", "model", "train", "tracking", "nqm")
 _SECTION_TYPES = {f.name: f.default_factory for f in fields(Config) if f.name in SECTIONS}
 
 
@@ -425,6 +446,10 @@ def _resolve(cfg: Config, processes: int) -> Config:
             "train.micro_batch_size",
             f"{micro} is not a multiple of model.ghost_batch_size = {m.ghost_batch_size}",
             f"a multiple of {m.ghost_batch_size} (or B < {m.ghost_batch_size} without splitting)",
+        )
+    if d.name == "nqm" and t.budget.unit != "steps":
+        raise ConfigError(
+            "train.budget.unit", "the NQM has no epochs", "steps (with data.name nqm)"
         )
     if t.budget.unit == "steps" and t.budget.value != int(t.budget.value):
         raise ConfigError(

@@ -126,11 +126,12 @@ def train(
     """Train one configuration; log it to MLflow on the main process; return its result."""
     from accelerate import Accelerator
 
-    from sgdnoise import tracking
     from sgdnoise.data.store import ensure_prepared, load_prepared
     from sgdnoise.models.build import build_model
 
     root = root or project_root()
+    if cfg.data.name == "nqm":
+        return _train_nqm(cfg, root, parent_run_id, extra_tags, track)
     t_cfg = cfg.train
     want_cuda = t_cfg.device == "cuda" or (t_cfg.device == "auto" and torch.cuda.is_available())
     acc = Accelerator(
@@ -164,7 +165,6 @@ def train(
 
     tracker = None
     if track and acc.is_main_process:
-        tracker = tracking.RunTracker(cfg, root)
         derived = {
             "derived.lr": cfg.lr,
             "derived.accumulation": K,
@@ -173,14 +173,8 @@ def train(
             "derived.n_train": data.n_train,
             "derived.bn_batch": _bn_batch(cfg),
         }
-        tags = tracking.provenance_tags(
-            cfg, root, data_checksum=data.checksum, device=str(device), processes=P
-        )
-        tracker.start(
-            params={**cfg.flat(), **derived},
-            tags={**tags, **(extra_tags or {})},
-            run_name=tracking.run_name(cfg),
-            parent_run_id=parent_run_id,
+        tracker = _start_tracking(
+            cfg, root, derived, data.checksum, str(device), P, parent_run_id, extra_tags
         )
     try:
         result = _loop(
@@ -191,19 +185,99 @@ def train(
         if tracker:
             tracker.fail()
         raise
-    if tracker:
-        tracker.finish(
-            result.metrics,
-            {
-                tracking.TAG + "status": result.status,
-                tracking.TAG + "state_sha256": result.state_sha256,
-            },
-            "FINISHED",
-        )
-        result.run_id = tracker.run_id
+    _finish_tracking(tracker, result)
     result.is_main = acc.is_main_process
     if keep_state:
         result.state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return result
+
+
+def _start_tracking(cfg, root, derived, checksum, device, processes, parent_run_id, extra_tags):
+    from sgdnoise import tracking
+
+    tracker = tracking.RunTracker(cfg, root)
+    tags = tracking.provenance_tags(
+        cfg, root, data_checksum=checksum, device=device, processes=processes
+    )
+    tracker.start(
+        params={**cfg.flat(), **derived},
+        tags={**tags, **(extra_tags or {})},
+        run_name=tracking.run_name(cfg),
+        parent_run_id=parent_run_id,
+    )
+    return tracker
+
+
+def _finish_tracking(tracker, result: RunResult) -> None:
+    from sgdnoise.tracking import TAG
+
+    if tracker is None:
+        return
+    tags = {TAG + "status": result.status, TAG + "state_sha256": result.state_sha256}
+    tracker.finish(result.metrics, tags, "FINISHED")
+    result.run_id = tracker.run_id
+
+
+def _train_nqm(cfg, root, parent_run_id, extra_tags, track) -> RunResult:
+    """The noisy quadratic model: its exact expected loss under the same schedule, budget,
+    B and optimizer, recorded like any run (train and test loss are the expected risk)."""
+    import json
+
+    import numpy as np
+
+    from sgdnoise.theory import nqm
+
+    q = cfg.nqm
+    model = nqm.NQMConfig(dim=q.dim, h_power=q.h_power, c_scale=q.c_scale, theta0=q.theta0)
+    total = int(cfg.train.budget.value)
+    lrs_eff = np.asarray(lr_table(cfg.train.schedule, cfg.train.lr_eff, total, cfg.train.warmup))
+    checksum = hashlib.sha256(json.dumps(cfg.to_dict()["nqm"], sort_keys=True).encode())
+    tracker = None
+    if track:
+        derived = {"derived.lr": cfg.lr, "derived.total_steps": total}
+        tracker = _start_tracking(
+            cfg, root, derived, checksum.hexdigest(), "cpu", 1, parent_run_id, extra_tags
+        )
+    try:
+        t0 = time.perf_counter()
+        out = nqm.run(
+            model, batch_size=cfg.train.batch_size, momentum=cfg.momentum, lrs_eff=lrs_eff,
+            target=q.target,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        curve = np.asarray(out["curve"], dtype=np.float64)
+        steps = np.asarray(out["steps"])
+        history = []
+        for step in eval_steps(total, cfg.train.eval_points):
+            i = int(np.searchsorted(steps, step))
+            value = float(curve[min(i, len(curve) - 1)])
+            row = {
+                "train_loss": value,
+                "test_loss": value,
+                "lr": float(lrs_eff[min(step, total - 1)]),
+            }
+            history.append({"step": step, **row})
+            if tracker:
+                tracker.log_metrics(row, step)
+        status = "diverged" if out["diverged"] else "finished"
+        metrics = {
+            "final_train_loss": float(out["final_loss"]),
+            "final_test_loss": float(out["final_loss"]),
+            "diverged": float(out["diverged"]),
+            "steps": float(total),
+            "epochs": 0.0,
+            "examples_per_second": total * cfg.train.batch_size / max(elapsed, 1e-9),
+        }
+        if q.target is not None:
+            reached = out["steps_to_target"]
+            metrics["steps_to_target"] = float(reached) if reached is not None else math.inf
+        sha = hashlib.sha256(curve.tobytes()).hexdigest()
+        result = RunResult(None, cfg.run_key, status, metrics, sha, history)
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    _finish_tracking(tracker, result)
     return result
 
 

@@ -10,4 +10,6 @@ DATASETS: dict[str, str] = {
     "mnist": "image",
     "fashion_mnist": "image",
     "synthetic": "vector",
+    # The noisy quadratic model (Zhang et al. 2019): no examples, its exact expected loss.
+    "nqm": "nqm",
 }

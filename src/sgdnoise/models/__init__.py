@@ -15,6 +15,7 @@ MODEL_DEFAULTS: dict[str, dict[str, int | None]] = {
     "wrn": {"depth": 16, "width": 4},
     "autoencoder": {"depth": None, "width": None},
     "resnet50": {"depth": None, "width": None},
+    "nqm": {"depth": None, "width": None},  # sized by the `nqm` section
 }
 
 # Which normalizations each model implements.
@@ -24,6 +25,7 @@ MODEL_NORMS: dict[str, tuple[str, ...]] = {
     "wrn": ("batch", "ghost", "skipinit"),
     "autoencoder": ("none", "batch", "ghost"),
     "resnet50": ("batch", "ghost"),
+    "nqm": ("none",),
 }
 
 # Which dataset input kinds (data.DATASETS) each model accepts.
@@ -33,4 +35,5 @@ INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "wrn": ("image",),
     "autoencoder": ("sequence", "image", "vector"),
     "resnet50": ("image",),
+    "nqm": ("nqm",),
 }

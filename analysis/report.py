@@ -1,0 +1,272 @@
+"""`analyze`: one study's runs -> table.md/csv, summary.json, figures + CSVs, logged to MLflow.
+
+What the CLI's `analyze` command calls. Every output names the selection rule, because
+the paper's bracket rule is not confirmed and the two rules can disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures
+from analysis.query import load_study
+from analysis.regimes import Regimes, b_simple, estimate
+from analysis.selection import RULES, Rule, build_cube
+from analysis.tables import (
+    Objective,
+    batch_size_markdown,
+    batch_size_table,
+    budget_label,
+    default_objective,
+    epoch_budget_markdown,
+    epoch_budget_table,
+    series_labels,
+    study_kind,
+)
+
+ARTIFACT_PATH = "analysis"
+RULE_TEXT = {
+    "per_seed": "per_seed: each seed's best lr; mean ± std of the seeds' best metrics; "
+    "median (in log2) of the seeds' optimal lrs, range min to max",
+    "mean_curve": "mean_curve: metric averaged over seeds at each lr; the best mean ± its std "
+    "over seeds; range = lrs whose mean lies within one std of the best",
+}
+
+
+def analyze(
+    study: str,
+    *,
+    tracking_uri: str,
+    experiment: str,
+    out_dir: Path,
+    selection: str = "per_seed",
+    metric: str | None = None,
+    direction: str | None = None,
+    log_to_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Analyze a study and write its results under `out_dir`.
+
+    Returns {"summary": <the summary.json content>, "markdown": <table.md text>,
+    "files": [written paths]}. Raises LookupError when the study is missing and
+    ValueError for an unknown selection rule, metric or direction.
+    """
+    if selection not in RULES:
+        raise ValueError(f"selection {selection!r} is not one of {', '.join(RULES)}")
+    rule = cast(Rule, selection)
+    if direction is not None and direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction {direction!r} is not one of maximize, minimize")
+    runs = load_study(
+        study,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        metrics=(metric,) if metric else (),
+    )
+    table = runs.table
+    objective = default_objective(table, metric, direction)
+    kind = study_kind(table)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    summary: dict[str, Any] = {
+        "study": study,
+        "experiment": experiment,
+        "parent_run_id": runs.parent_run_id,
+        "kind": kind,
+        "selection": selection,
+        "metric": objective.metric,
+        "direction": objective.direction,
+        "n_runs": len(table),
+        "n_diverged": int(table["diverged"].sum()),
+        "n_duplicates": runs.n_duplicates,
+        "notes": "; ".join(runs.notes),
+    }
+    header = _header(study, experiment, runs.parent_run_id, kind, selection, objective, runs.notes)
+    if kind == "epoch_budget":
+        body, main, files = _epoch_budget(table, objective, rule, study, out_dir, summary)
+    else:
+        body, main, files = _batch_size(table, objective, rule, study, out_dir, summary)
+
+    text = header + "\n\n" + body + "\n"
+    files += _write(out_dir, text, main, summary)
+    if log_to_mlflow:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        # File by file: only what this call wrote, never stale files left in out_dir.
+        for path in files:
+            client.log_artifact(runs.parent_run_id, str(path), artifact_path=ARTIFACT_PATH)
+    return {"summary": summary, "markdown": text, "files": files}
+
+
+def _header(
+    study: str,
+    experiment: str,
+    parent: str,
+    kind: str,
+    rule: str,
+    objective: Objective,
+    notes: list[str],
+) -> str:
+    lines = [
+        f"# Study {study!r} ({kind.replace('_', '-')} study)",
+        "",
+        f"- experiment: {experiment}, parent run: {parent}",
+        f"- selection rule: {RULE_TEXT[rule]}",
+        f"- selection metric: {objective.metric} ({objective.direction})",
+    ]
+    lines += [f"- note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _batch_size(
+    table: pd.DataFrame,
+    objective: Objective,
+    rule: Rule,
+    study: str,
+    out_dir: Path,
+    summary: dict[str, Any],
+) -> tuple[str, pd.DataFrame, list[Path]]:
+    t = batch_size_table(table, objective, rule)
+    df = table.assign(series=series_labels(table))
+    all_b = np.sort(df["batch_size"].unique())
+    regimes: dict[str, Regimes] = {}
+    for series, sdf in df.groupby("series", sort=True):
+        cube = build_cube(sdf, "batch_size", objective.metric, objective.direction)
+        regimes[series] = estimate(series, cube, rule, all_b, b_simple(sdf))
+    t["regime"] = [
+        regimes[s].regime.get(int(b), "") for s, b in zip(t["series"], t["batch_size"], strict=True)
+    ]
+    labels = {
+        (s, int(b)): r for s, b, r in zip(t["series"], t["batch_size"], t["regime"], strict=True)
+    }
+
+    summary["groups"] = {
+        f"{r.series}/B={r.batch_size}": _clean(
+            {
+                "metric_mean": r.metric_mean,
+                "metric_std": r.metric_std,
+                "lr_opt": r.lr_opt,
+                "lr_lo": r.lr_lo,
+                "lr_hi": r.lr_hi,
+                "n_seeds": r.n_seeds,
+                "n_runs": r.n_runs,
+                "n_diverged": r.n_diverged,
+                "edge": r.edge,
+                "regime": r.regime,
+                "train_loss_at_opt": r.final_train_loss_mean,
+            }
+        )
+        for r in t.itertuples()
+    }
+    summary["regimes"] = {
+        s: _clean(
+            {
+                "b_crit": g.b_crit,
+                "b_crit_lo": g.b_crit_lo,
+                "b_crit_hi": g.b_crit_hi,
+                "eps_max": g.eps_max,
+                "slope_below_b_crit": g.slope_below,
+                "slope_above_b_crit": g.slope_above,
+                "b_simple": g.b_simple,
+                "n_boot": g.n_boot,
+                "message": g.message,
+            }
+        )
+        for s, g in regimes.items()
+    }
+    title = f"{study}"
+    files = figures.best_metric_vs_batch(t, title, out_dir)
+    files += figures.optimal_lr_vs_batch(t, regimes, title, out_dir)
+    files += figures.train_loss_vs_batch(t, title, out_dir)
+    files += figures.metric_vs_lr(df, objective.metric, "batch_size", "B", title, out_dir)
+    body = batch_size_markdown(t, labels) + "\n\n## Regimes\n\n" + _regimes_markdown(regimes)
+    return body, t, files
+
+
+def _regimes_markdown(regimes: dict[str, Regimes]) -> str:
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3g}"
+
+    lines = [
+        "| series | B_crit | 95% bootstrap interval | ε_max | slope below B_crit "
+        "| measured B_simple | not estimated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s, g in regimes.items():
+        interval = "—" if g.b_crit_lo is None else f"{g.b_crit_lo:.3g} to {g.b_crit_hi:.3g}"
+        lines.append(
+            f"| {s} | {num(g.b_crit)} | {interval} | {num(g.eps_max)} | {num(g.slope_below)} "
+            f"| {num(g.b_simple)} | {g.message} |"
+        )
+    return "\n".join(lines)
+
+
+def _epoch_budget(
+    table: pd.DataFrame,
+    objective: Objective,
+    rule: Rule,
+    study: str,
+    out_dir: Path,
+    summary: dict[str, Any],
+) -> tuple[str, pd.DataFrame, list[Path]]:
+    t = epoch_budget_table(table, objective, rule)
+    summary["groups"] = {
+        f"{r.optimizer}/{budget_label(r.budget_unit, r.budget_value).replace(' ', '_')}": _clean(
+            {
+                "budget": r.budget_value,
+                "train_lr_opt": r.train_lr_opt,
+                "train_lr_lo": r.train_lr_lo,
+                "train_lr_hi": r.train_lr_hi,
+                "train_lr_ratio": r.train_lr_ratio,
+                "train_loss_mean": r.train_metric_mean,
+                "train_loss_std": r.train_metric_std,
+                "test_lr_opt": r.test_lr_opt,
+                "test_lr_lo": r.test_lr_lo,
+                "test_lr_hi": r.test_lr_hi,
+                "test_lr_ratio": r.test_lr_ratio,
+                "metric_mean": r.test_metric_mean,
+                "metric_std": r.test_metric_std,
+                "n_seeds": r.n_seeds,
+                "n_runs": r.n_runs,
+                "n_diverged": r.n_diverged,
+                "train_edge": r.train_edge,
+                "test_edge": r.test_edge,
+            }
+        )
+        for r in t.itertuples()
+    }
+    df = table.assign(series=table["optimizer"])
+    files = figures.lr_vs_budget(t, study, out_dir)
+    files += figures.metric_vs_lr(
+        df, objective.metric, "budget_value", "budget", study, out_dir, name="metric_vs_lr"
+    )
+    files += figures.metric_vs_lr(
+        df, "final_train_loss", "budget_value", "budget", study, out_dir, name="train_loss_vs_lr"
+    )
+    return epoch_budget_markdown(t), t, files
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe values: numpy scalars to Python, NaN/inf to null."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def _write(out_dir: Path, text: str, main: pd.DataFrame, summary: dict[str, Any]) -> list[Path]:
+    md, csv, js = out_dir / "table.md", out_dir / "table.csv", out_dir / "summary.json"
+    md.write_text(text)
+    main.to_csv(csv, index=False)
+    js.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    return [md, csv, js]

@@ -1,0 +1,226 @@
+"""Where a sweep's Optuna study lives, and the study-wide lock.
+
+- default: a journal file per study, `<project root>/optuna/<study>-<grid hash>.log`
+  (JournalStorage + JournalFileBackend: safe for several processes on one machine;
+  SQLite is not, see research/tools.md), liveness by per-worker file locks.
+- `--storage PATH`: that journal file.
+- `--storage postgresql://...`: one database for workers on many machines; liveness by
+  Optuna's heartbeat (RDBStorage heartbeat_interval / grace_period).
+
+Every change to which trials exist (creating the study, enqueueing, recovering a dead
+worker's trial, adding edge points) and every claim happens under the study lock: an
+exclusive flock on a file next to the journal, or a PostgreSQL advisory lock. That is
+what makes "at most one live trial per grid point" hold with any number of workers;
+Optuna's own enqueue (`skip_if_exists`) is not atomic across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sgdnoise.config import ConfigError
+from sgdnoise.sweep.liveness import FileLiveness, HeartbeatLiveness, Liveness
+from sgdnoise.sweep.spec import Heartbeat
+from sgdnoise.tracking import redact
+
+ALLOWED = "postgresql://user@host:port/db, a journal file path, or nothing (optuna/ at the root)"
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    # One line per created study/trial on stderr would drown the sweep's own progress.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class SweepStorage:
+    """Base: one Optuna storage per process, created lazily (workers are forked)."""
+
+    display: str
+
+    def __init__(self) -> None:
+        self._optuna: Any = None
+
+    def optuna(self) -> Any:
+        if self._optuna is None:
+            _quiet_optuna()
+            self._optuna = self._create()
+        return self._optuna
+
+    def _create(self) -> Any:
+        raise NotImplementedError
+
+    def exists(self, study_name: str) -> bool:
+        raise NotImplementedError
+
+    def lock(self, study_name: str) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def liveness(self, study_name: str, worker_id: str) -> Liveness:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop this process's handles before forking workers (they open their own)."""
+        self._optuna = None
+
+
+class JournalSweepStorage(SweepStorage):
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.display = str(path)
+
+    def _create(self) -> Any:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(self.path)))
+
+    def exists(self, study_name: str) -> bool:
+        if not self.path.is_file():
+            return False  # never create a journal just to look
+        try:
+            self.optuna().get_study_id_from_name(study_name)
+        except KeyError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def lock(self, study_name: str) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent / f".{study_name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the OS if this process dies
+            yield
+        finally:
+            os.close(fd)
+
+    def liveness(self, study_name: str, worker_id: str) -> Liveness:
+        return FileLiveness(self.path.parent / f".{study_name}.workers", worker_id)
+
+
+class PostgresSweepStorage(SweepStorage):
+    def __init__(self, url: str, heartbeat: Heartbeat):
+        super().__init__()
+        self.url = url
+        self.heartbeat = heartbeat
+        self.display = redact(url)
+        self._lock_engine: Any = None
+        self._stale: list[Any] = []
+
+    def _create(self) -> Any:
+        import sqlalchemy.exc
+        from optuna.storages import RDBStorage
+
+        for attempt in range(3):
+            try:
+                return RDBStorage(
+                    self.url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=self.heartbeat.interval,
+                    grace_period=self.heartbeat.grace_period,
+                    heartbeat_stale_trial_callback=lambda study, trial: self._stale.append(trial),
+                )
+            except sqlalchemy.exc.OperationalError as e:
+                raise ConfigError(
+                    "--storage", f"cannot connect to {self.display} ({_first_line(e)})", ALLOWED
+                ) from None
+            except sqlalchemy.exc.SQLAlchemyError:
+                # Workers on several machines creating the tables at once: one wins.
+                if attempt == 2:
+                    raise
+                time.sleep(1 + attempt)
+        raise AssertionError("unreachable")
+
+    def exists(self, study_name: str) -> bool:
+        import sqlalchemy.exc
+        from optuna.storages import RDBStorage
+
+        _quiet_optuna()
+        try:
+            storage = RDBStorage(self.url, skip_table_creation=True, skip_compatibility_check=True)
+            storage.get_study_id_from_name(study_name)
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                storage.engine.dispose()  # type: ignore[possibly-undefined]
+        return True
+
+    @contextlib.contextmanager
+    def lock(self, study_name: str) -> Iterator[None]:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        if self._lock_engine is None:
+            self._lock_engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
+        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        # A session-level advisory lock: the server drops it if this process dies.
+        with self._lock_engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+    def liveness(self, study_name: str, worker_id: str) -> Liveness:
+        return HeartbeatLiveness(self, worker_id)
+
+    def take_stale(self) -> list[Any]:
+        out, self._stale = self._stale, []
+        return out
+
+    def release(self) -> None:
+        if self._optuna is not None:
+            self._optuna.engine.dispose()
+        if self._lock_engine is not None:
+            self._lock_engine.dispose()
+            self._lock_engine = None
+        super().release()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return redact_text(text[0] if text else type(e).__name__)
+
+
+def redact_text(text: str) -> str:
+    """A driver's message may quote the URL; drop anything that looks like user:pass@."""
+    import re
+
+    return re.sub(r"://[^@/\s]+@", "://***@", text)
+
+
+def open_storage(
+    url: str | None, root: Path, optuna_name: str, heartbeat: Heartbeat
+) -> SweepStorage:
+    """The study's storage from `--storage` (None: the local journal). Bad URL: ConfigError."""
+    if url is None or not url.strip():
+        return JournalSweepStorage(root / "optuna" / f"{optuna_name}.log")
+    url = url.strip()
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+        if scheme == "postgres":
+            url = "postgresql" + url[len("postgres") :]
+        return PostgresSweepStorage(url, heartbeat)
+    if scheme.startswith("sqlite"):
+        raise ConfigError(
+            "--storage", "SQLite is unsafe for parallel Optuna workers", ALLOWED
+        )  # fmt: skip
+    if scheme:
+        raise ConfigError("--storage", f"unsupported scheme {scheme!r} in {redact(url)}", ALLOWED)
+    path = Path(url).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    if path.is_dir():
+        path = path / f"{optuna_name}.log"
+    return JournalSweepStorage(path)
