@@ -123,6 +123,9 @@ class TrainConfig:
     )
     # A run diverges when its loss is non-finite or above this multiple of its initial loss.
     divergence_factor: float = spec(20.0, float, check=lambda v: v > 1, allowed="a number > 1")
+    # Measure the gradient noise scale B_simple from the micro-batch gradients that
+    # accumulation already computes (needs accumulation >= 2; no extra passes).
+    noise_scale: bool = spec(True, bool, identity=False)
     precision: str = spec("fp32", str, choices=("fp32", "bf16"))
     device: str = spec("auto", str, choices=("auto", "cpu", "cuda"), identity=False)
     # Intra-op threads per process; null divides the machine's cores among local processes.

@@ -192,6 +192,52 @@ def train(
     return result
 
 
+class _NoiseWindow:
+    """The gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018), from the
+    gradients accumulation computes anyway: micro-batch j's gradient is K times the change
+    of the accumulated .grad, the full-batch gradient is .grad before the update. Squared
+    norms are summed on the device over the steps since the last evaluation (no host sync
+    per step); the estimate is the ratio of those averages. Under DDP the last micro-batch's
+    gradient is already averaged over processes, so only the others count as small batches.
+    """
+
+    def __init__(self, net: torch.nn.Module, K: int, M: int, B: int, P: int):
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.K, self.M, self.B, self.P = K, M, B, P
+        dev = self.params[0].device
+        self.prev = [torch.zeros_like(p) for p in self.params]
+        self.sums = torch.zeros(3, dtype=torch.float64, device=dev)  # small, big, n_small
+        self.steps = 0
+
+    def after_micro_batch(self, j: int) -> None:
+        if self.P > 1 and j == self.K - 1:
+            return
+        grads = [p.grad for p in self.params]
+        diff = torch._foreach_sub(grads, self.prev)
+        sq = torch.stack(torch._foreach_norm(diff)).double().pow(2).sum()
+        self.sums[0] += sq * self.K**2
+        self.sums[2] += 1
+        torch._foreach_copy_(self.prev, grads)
+
+    def after_step(self) -> None:
+        grads = [p.grad for p in self.params]
+        self.sums[1] += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum()
+        torch._foreach_zero_(self.prev)
+        self.steps += 1
+
+    def estimate(self) -> float | None:
+        """B_simple over the window since the last call; None without data or |G|² <= 0."""
+        from sgdnoise.theory.noise_scale import estimate
+
+        if self.steps == 0:
+            return None
+        small, big, n = self.sums.tolist()
+        self.sums.zero_()
+        steps, self.steps = self.steps, 0
+        g_sq, tr_sigma = estimate(small / max(n, 1.0), self.M, big / steps, self.B)
+        return tr_sigma / g_sq if g_sq > 0 and math.isfinite(tr_sigma) else None
+
+
 def _start_tracking(cfg, root, derived, checksum, device, processes, parent_run_id, extra_tags):
     from sgdnoise import tracking
 
@@ -318,6 +364,8 @@ def _loop(
         if not reconstruction:
             row["test_accuracy"] = te_acc
             row["train_accuracy"] = tr_acc
+        if noise is not None and (b_simple := noise.estimate()) is not None:
+            row["grad_noise_scale"] = b_simple
         history.append({"step": step, **row})
         if tracker:
             tracker.log_metrics(row, step)
@@ -330,6 +378,7 @@ def _loop(
             bad = bool(acc.reduce(flag, reduction="sum").item() > 0)
         return bad
 
+    noise = _NoiseWindow(net, K, M, t_cfg.batch_size, P) if t_cfg.noise_scale and K > 1 else None
     loss = None
     t0 = time.perf_counter()
     for s in range(total):
@@ -366,6 +415,10 @@ def _loop(
                 else:
                     loss = F.cross_entropy(out.float(), y)
                 (loss / K if K > 1 else loss).backward()
+            if noise is not None:
+                noise.after_micro_batch(j)
+        if noise is not None:
+            noise.after_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (s + 1) % CHECK_EVERY == 0 and diverged(loss.item()):
@@ -386,6 +439,10 @@ def _loop(
         "epochs": order.epochs(stopped_at),
         "examples_per_second": stopped_at * t_cfg.batch_size / max(train_time, 1e-9),
     }
+    if noise is not None:
+        measured = [h["grad_noise_scale"] for h in history if "grad_noise_scale" in h]
+        if measured:
+            metrics["grad_noise_scale"] = measured[-1]
     if not reconstruction:
         metrics["final_test_accuracy"] = last["test_accuracy"]
         metrics["final_train_accuracy"] = last["train_accuracy"]
