@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 from sgdnoise.config import Config, ConfigError, load_config, raw_params
 
+# Exit statuses: 0 done (a diverged run is a result too), 1 failed, 2 bad input,
+# 3 tracking store unreachable, 75 stopped by SIGTERM after a checkpoint (run again to resume).
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_TRACKING = 3
 _PASSTHROUGH = re.compile(r"^--((?:data|model|train|tracking|nqm)\.[A-Za-z0-9_.]+)(?:=(.*))?$")
 
 
@@ -114,9 +118,21 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _config(args, extra)
-    from sgdnoise.train import train
+    from sgdnoise.checkpoint import CheckpointError
+    from sgdnoise.tracking import TrackingUnavailable
+    from sgdnoise.train import EXIT_PREEMPTED, Preempted, train
 
-    result = train(cfg, track=not args.no_track, keep_state=bool(args.save_state))
+    try:
+        result = train(cfg, track=not args.no_track, keep_state=bool(args.save_state))
+    except Preempted as e:
+        print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except CheckpointError as e:
+        print(f"error: {e}; the previous checkpoint is intact", file=sys.stderr)
+        return EXIT_FAILED
+    except TrackingUnavailable as e:
+        print(f"error: tracking.uri: {e}; allowed: a reachable MLflow store", file=sys.stderr)
+        return EXIT_TRACKING
     if result.is_main and args.save_state:
         import torch
 

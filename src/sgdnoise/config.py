@@ -101,6 +101,12 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class CheckpointEvery:
+    unit: str = spec("off", str, choices=("off", "steps", "minutes"), identity=False)
+    value: float = spec(1000, float, check=_positive, allowed="a number > 0", identity=False)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = spec("momentum", str, choices=("sgd", "momentum"))
     momentum: float = spec(0.9, float, check=lambda v: 0 <= v < 1, allowed="a number in [0, 1)")
@@ -126,6 +132,8 @@ class TrainConfig:
     # Measure the gradient noise scale B_simple from the micro-batch gradients that
     # accumulation already computes (needs accumulation >= 2; no extra passes).
     noise_scale: bool = spec(True, bool, identity=False)
+    # Checkpoints for long runs (resume after preemption); off by default for short runs.
+    checkpoint_every: CheckpointEvery = field(default_factory=CheckpointEvery)
     precision: str = spec("fp32", str, choices=("fp32", "bf16"))
     device: str = spec("auto", str, choices=("auto", "cpu", "cuda"), identity=False)
     # Intra-op threads per process; null divides the machine's cores among local processes.

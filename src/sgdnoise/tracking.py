@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -54,6 +55,14 @@ def redact(uri: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact_text(text: str) -> str:
+    """Any URL credentials inside free text (e.g. an exception message) replaced by ***."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 @cache
@@ -111,6 +120,10 @@ def experiment_id(mlf, name: str, root: Path | None = None) -> str:
         return exp.experiment_id
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store could not be reached (raised before the first training step)."""
+
+
 def _param_value(v: Any) -> str:
     return "null" if v is None else str(v)
 
@@ -118,13 +131,22 @@ def _param_value(v: Any) -> str:
 class RunTracker:
     """One MLflow run: created (or attached to, under `mlflow run`), buffered, finished."""
 
-    def __init__(self, cfg: Config, root: Path | None = None):
+    def __init__(self, cfg: Config, root: Path | None = None, *, auto_flush: bool = True):
         self.cfg, self.root = cfg, root or project_root()
         self.uri = resolve_uri(cfg, self.root)
         self.mlf = client(self.uri)
         self.run_id: str | None = None
         self._metrics: list[Any] = []
         self._last_flush = time.monotonic()
+        # With checkpoints, metrics are flushed exactly when a checkpoint is written, so a
+        # resumed run never logs a step twice.
+        self.auto_flush = auto_flush
+
+    def resume(self, run_id: str) -> str:
+        """Continue a run from its checkpoint: same run id, params already logged."""
+        self.run_id = run_id
+        self.mlf.update_run(run_id, status="RUNNING")
+        return run_id
 
     def start(
         self,
@@ -134,6 +156,16 @@ class RunTracker:
         run_name: str,
         parent_run_id: str | None = None,
     ) -> str:
+        try:
+            return self._start(params, tags, run_name, parent_run_id)
+        except Exception as e:
+            # Connection errors, a missing database folder, a server answering 5xx: say so
+            # in one line, without credentials.
+            text = redact_text(str(e)).strip()
+            first = text.splitlines()[0][:200] if text else type(e).__name__
+            raise TrackingUnavailable(f"cannot use {redact(self.uri)} ({first})") from None
+
+    def _start(self, params, tags, run_name, parent_run_id) -> str:
         from mlflow.entities import Param, RunTag
 
         all_tags = {**tags, "mlflow.runName": run_name}
@@ -164,7 +196,7 @@ class RunTracker:
 
         ts = int(time.time() * 1000)
         self._metrics += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if time.monotonic() - self._last_flush > FLUSH_SECONDS:
+        if self.auto_flush and time.monotonic() - self._last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
@@ -184,13 +216,14 @@ class RunTracker:
         self.mlf.log_batch(self.run_id, metrics=self._metrics, tags=tags)
         self._metrics = []
 
-    def fail(self) -> None:
-        """Mark the run FAILED so a crash never leaves it RUNNING."""
+    def fail(self, status: str = "FAILED") -> None:
+        """End the run as FAILED (or KILLED when preempted) so it is never left RUNNING."""
         if self.run_id is None:
             return
         try:
-            self.flush()
-            self.mlf.set_terminated(self.run_id, "FAILED")
+            if self.auto_flush:  # else the last checkpoint's flush is what counts
+                self.flush()
+            self.mlf.set_terminated(self.run_id, status)
         except Exception:  # the original error matters more than this one
             pass
 
@@ -224,3 +257,152 @@ def run_name(cfg: Config) -> str:
         f"{cfg.train.optimizer} B={cfg.train.batch_size} lr={lr_txt} "
         f"{budget.value:g}{unit} s{cfg.train.seed}"
     )
+
+
+# ---- study (parent) runs, used by the sweep ----
+# A study is one MLflow parent run tagged sgdnoise.kind=study, sgdnoise.study=<name> and
+# sgdnoise.grid_hash=<hash>; its grid points are child runs (mlflow.parentRunId) created by
+# train(). Found again by those tags, so re-running a sweep resumes under the same parent.
+
+STUDY_TAGS = (TAG + "kind", TAG + "study", TAG + "grid_hash")
+
+
+def study_run(
+    uri: str,
+    experiment: str,
+    root: Path | None,
+    *,
+    study: str,
+    grid_hash: str,
+    known_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    definition: Mapping[str, Any] | None = None,
+) -> str:
+    """The study's parent run: `known_run_id` if it still exists, else the most recent run
+    with the study's tags, else a new one (RUNNING until the sweep completes)."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    mlf = client(uri)
+    if known_run_id:
+        try:
+            run = mlf.get_run(known_run_id)
+            if run.info.lifecycle_stage == "active":
+                return known_run_id
+        except MlflowException:
+            pass  # another tracking store than the one that created it
+    exp = experiment_id(mlf, experiment, root)
+    found = mlf.search_runs(
+        [exp],
+        filter_string=f"tags.`{TAG}kind` = 'study' and tags.`{TAG}grid_hash` = '{grid_hash}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    # Study names are matched here rather than in the filter: they may hold quotes.
+    found = [r for r in found if r.data.tags.get(TAG + "study") == study]
+    if found:
+        return found[0].info.run_id
+    all_tags = {
+        TAG + "kind": "study",
+        TAG + "study": study,
+        TAG + "grid_hash": grid_hash,
+        TAG + "git_commit": git_commit(root or project_root()),
+        **(tags or {}),
+    }
+    run = mlf.create_run(exp, run_name=f"study {study}", tags=all_tags)
+    if definition is not None:
+        mlf.log_dict(run.info.run_id, dict(definition), "study.json")
+    return run.info.run_id
+
+
+def set_run_status(uri: str, run_id: str, status: str) -> None:
+    """RUNNING while a sweep works on the study, FINISHED once its grid is complete."""
+    mlf = client(uri)
+    if mlf.get_run(run_id).info.status == status:
+        return
+    if status == "RUNNING":
+        mlf.update_run(run_id, status="RUNNING")
+    else:
+        mlf.set_terminated(run_id, status)
+
+
+def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def child_runs(
+    uri: str, parent_run_id: str, *, run_key: str | None = None, trial_number: int | None = None
+) -> list[Any]:
+    """Active child runs of a study run, optionally one grid point's or one trial's."""
+    from mlflow.entities import ViewType
+
+    filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    if run_key is not None:
+        filt += f" and tags.`{TAG}run_key` = '{run_key}'"
+    if trial_number is not None:
+        filt += f" and tags.`{TAG}trial_number` = '{trial_number}'"
+    return list(
+        client(uri).search_runs(
+            [client(uri).get_run(parent_run_id).info.experiment_id],
+            filter_string=filt,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=10000,
+        )
+    )
+
+
+def finished_child(
+    uri: str, parent_run_id: str, run_key: str
+) -> tuple[str, dict[str, float], str] | None:
+    """A FINISHED child run of this grid point, if one exists: (run id, metrics, status tag).
+
+    A worker killed after its run finished but before Optuna heard of it leaves exactly
+    this; adopting it instead of training again keeps the point at one finished run."""
+    for run in child_runs(uri, parent_run_id, run_key=run_key):
+        if run.info.status == "FINISHED":
+            status = run.data.tags.get(TAG + "status", "finished")
+            return run.info.run_id, dict(run.data.metrics), status
+    return None
+
+
+def kill_children(
+    uri: str, parent_run_id: str, trial_number: int, statuses: tuple[str, ...] = ("RUNNING",)
+) -> list[str]:
+    """Mark a dead or interrupted trial's child runs KILLED (never left RUNNING)."""
+    mlf = client(uri)
+    out = []
+    for run in child_runs(uri, parent_run_id, trial_number=trial_number):
+        if run.info.status in statuses:
+            mlf.set_terminated(run.info.run_id, "KILLED")
+            out.append(run.info.run_id)
+    return out
+
+
+def log_study_summary(
+    uri: str, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]
+) -> None:
+    """The sweep's counts as metrics of the parent run (logged again on each completion:
+    metrics keep history, unlike params, which are immutable)."""
+    from mlflow.entities import Metric, RunTag
+
+    ts = int(time.time() * 1000)
+    client(uri).log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+
+
+def release_connections(uri: str) -> None:
+    """Close this process's pooled database connections to the tracking store, so forked
+    sweep workers never share one (SQLite and PostgreSQL connections are not fork-safe)."""
+    try:
+        store = client(uri)._tracking_client.store
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()
+    except Exception:  # a REST store has no engine; nothing to release
+        pass

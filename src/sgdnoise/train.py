@@ -10,10 +10,14 @@ micro-batches, DDP averages over processes, so the update is the mean over all B
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sgdnoise import tracking
+from sgdnoise.checkpoint import Checkpointer
 from sgdnoise.config import Config, accumulation_steps
 from sgdnoise.data.order import BatchOrder, derived_seed
 from sgdnoise.optim import lr_table, make_optimizer
@@ -51,6 +57,46 @@ class RunResult:
             **self.metrics,
             "state_sha256": self.state_sha256,
         }
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; run it again
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written at this step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint written")
+        self.step = step
+
+
+class _StopFlag:
+    """SIGTERM sets a flag; the loop acts on it at the next optimizer-step boundary."""
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals only reach the main thread
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, acc, every: int, step: int) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        if step % every:
+            return False
+        flag = torch.tensor([float(self.flag)], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -154,6 +200,12 @@ def train(
     torch.manual_seed(derived_seed("init", t_cfg.seed))
     model = build_model(cfg.model, tuple(data.input_shape), data.num_classes).to(device)
     optimizer = make_optimizer(model, cfg)
+    ckpt = Checkpointer(cfg, root)
+    resume = ckpt.load_latest() if ckpt.enabled else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        print(f"resuming {cfg.run_key} from step {resume['step']}", file=sys.stderr)
     total = total_steps(cfg, data.n_train)
     lrs = lr_table(t_cfg.schedule, cfg.lr, total, t_cfg.warmup)
     evals = eval_steps(total, t_cfg.eval_points)
@@ -164,7 +216,10 @@ def train(
     evaluate = _Evaluator(net, data, task, t_cfg.eval_batch_size, acc, acc.autocast)
 
     tracker = None
-    if track and acc.is_main_process:
+    if track and acc.is_main_process and resume is not None and resume.get("run_id"):
+        tracker = tracking.RunTracker(cfg, root, auto_flush=False)
+        tracker.resume(resume["run_id"])
+    elif track and acc.is_main_process:
         derived = {
             "derived.lr": cfg.lr,
             "derived.accumulation": K,
@@ -174,18 +229,27 @@ def train(
             "derived.bn_batch": _bn_batch(cfg),
         }
         tracker = _start_tracking(
-            cfg, root, derived, data.checksum, str(device), P, parent_run_id, extra_tags
-        )
-    try:
-        result = _loop(
-            cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task, augment,
-            K, M, tracker,
+            cfg, root, derived, data.checksum, str(device), P, parent_run_id, extra_tags,
+            auto_flush=not ckpt.enabled,
         )  # fmt: skip
+    stop = _StopFlag()
+    try:
+        with stop.installed():
+            result = _loop(
+                cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task,
+                augment, K, M, tracker, ckpt, resume, stop,
+            )  # fmt: skip
+    except Preempted:
+        if tracker:
+            tracker.fail("KILLED")
+        raise
     except BaseException:
         if tracker:
             tracker.fail()
         raise
     _finish_tracking(tracker, result)
+    if ckpt.enabled and acc.is_main_process:
+        ckpt.clear()
     result.is_main = acc.is_main_process
     if keep_state:
         result.state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -225,6 +289,13 @@ class _NoiseWindow:
         torch._foreach_zero_(self.prev)
         self.steps += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.copy_(state["sums"])
+        self.steps = int(state["steps"])
+
     def estimate(self) -> float | None:
         """B_simple over the window since the last call; None without data or |G|² <= 0."""
         from sgdnoise.theory.noise_scale import estimate
@@ -238,10 +309,10 @@ class _NoiseWindow:
         return tr_sigma / g_sq if g_sq > 0 and math.isfinite(tr_sigma) else None
 
 
-def _start_tracking(cfg, root, derived, checksum, device, processes, parent_run_id, extra_tags):
-    from sgdnoise import tracking
-
-    tracker = tracking.RunTracker(cfg, root)
+def _start_tracking(
+    cfg, root, derived, checksum, device, processes, parent_run_id, extra_tags, auto_flush=True
+):
+    tracker = tracking.RunTracker(cfg, root, auto_flush=auto_flush)
     tags = tracking.provenance_tags(
         cfg, root, data_checksum=checksum, device=device, processes=processes
     )
@@ -255,10 +326,9 @@ def _start_tracking(cfg, root, derived, checksum, device, processes, parent_run_
 
 
 def _finish_tracking(tracker, result: RunResult) -> None:
-    from sgdnoise.tracking import TAG
-
     if tracker is None:
         return
+    TAG = tracking.TAG
     tags = {TAG + "status": result.status, TAG + "state_sha256": result.state_sha256}
     tracker.finish(result.metrics, tags, "FINISHED")
     result.run_id = tracker.run_id
@@ -337,8 +407,9 @@ def _bn_batch(cfg: Config) -> int | str:
 
 
 def _loop(
-    cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task, augment, K, M, tracker
-):
+    cfg, acc, model, net, optimizer, data, order, lrs, evals, evaluate, task, augment, K, M,
+    tracker, ckpt, resume, stop,
+):  # fmt: skip
     from sgdnoise.data.augment import apply_crop_flip, crop_flip_params
 
     t_cfg = cfg.train
@@ -351,11 +422,38 @@ def _loop(
     autocast = acc.autocast
     reconstruction = task == "reconstruction"
     history: list[dict[str, float]] = []
-    next_eval = 0
     initial_loss = math.inf
     status, stopped_at = "finished", total
     train_time = 0.0
+    start = 0
+    noise = _NoiseWindow(net, K, M, t_cfg.batch_size, P) if t_cfg.noise_scale and K > 1 else None
+    if resume is not None:
+        start, history = int(resume["step"]), list(resume["history"])
+        initial_loss, train_time = float(resume["initial_loss"]), float(resume["train_time"])
+        if noise is not None and "noise" in resume:
+            noise.load_state_dict(resume["noise"])
+    next_eval = bisect.bisect_left(evals, start)
     model.train()
+
+    def checkpoint(step: int) -> None:
+        """At an optimizer-step boundary: the state, the metrics so far, then flush."""
+        if acc.is_main_process:
+            ckpt.save(
+                step,
+                {
+                    "step": step,
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "initial_loss": initial_loss,
+                    "train_time": train_time + time.perf_counter() - t0,
+                    "run_id": tracker.run_id if tracker else None,
+                    "noise": noise.state_dict() if noise is not None else {},
+                },
+            )
+            if tracker:
+                tracker.flush()
+        acc.wait_for_everyone()
 
     def record(step: int) -> float:
         tr_loss, tr_acc = evaluate(X, Y)
@@ -378,10 +476,9 @@ def _loop(
             bad = bool(acc.reduce(flag, reduction="sum").item() > 0)
         return bad
 
-    noise = _NoiseWindow(net, K, M, t_cfg.batch_size, P) if t_cfg.noise_scale and K > 1 else None
     loss = None
     t0 = time.perf_counter()
-    for s in range(total):
+    for s in range(start, total):
         if s == evals[next_eval]:
             train_time += time.perf_counter() - t0
             value = record(s)
@@ -424,6 +521,11 @@ def _loop(
         if (s + 1) % CHECK_EVERY == 0 and diverged(loss.item()):
             status, stopped_at = "diverged", s + 1
             break
+        if stop.requested(acc, every=1 if P == 1 else CHECK_EVERY, step=s + 1):
+            checkpoint(s + 1)
+            raise Preempted(s + 1)
+        if ckpt.due(s + 1) and s + 1 < total:
+            checkpoint(s + 1)
     train_time += time.perf_counter() - t0
     if status == "finished":
         record(total)
