@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: results/STUDY)")
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
 
+    p = sub.add_parser("report", help="results/REPORT.md and the README's study section")
+    _common(p)
+    p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+
     p = sub.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
     _common(p)
     p.add_argument("--port", type=int, default=5000)
@@ -235,6 +239,29 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.paths import project_root
+
+    cfg = _config(args, extra)
+    root = project_root()
+    m, t, d = cfg.model, cfg.train, cfg.data
+    size = f"{m.depth}x{m.width}" if m.depth else ""
+    setting = (
+        f"{d.name} ({d.num_samples} examples), {m.name} {size} norm={m.norm}, "
+        f"{t.schedule} schedule, weight decay {t.weight_decay:g}"
+    )
+    from analysis import write_report
+
+    path = write_report(
+        root / "results",
+        list(cfg.studies),
+        readme=None if args.no_readme else root / "README.md",
+        setting=setting,
+    )
+    print(path)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
     import subprocess
 
@@ -253,6 +280,7 @@ def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
 
 COMMANDS = {
     "analyze": cmd_analyze,
+    "report": cmd_report,
     "nqm": cmd_nqm,
     "ui": cmd_ui,
     "prepare": cmd_prepare,
