@@ -21,7 +21,7 @@ SMALL = {
     "autoencoder": ((1, 12, 12), 4, None, None),
     "resnet50": ((3, 32, 32), 2, None, None),
 }
-CASES = [(name, norm) for name, norms in MODEL_NORMS.items() for norm in norms]
+CASES = [(name, norm) for name, norms in MODEL_NORMS.items() if name in SMALL for norm in norms]
 
 
 def _cfg(name: str, norm: str) -> ModelConfig:
@@ -43,7 +43,9 @@ def _norm_types(model: nn.Module) -> set[type]:
 
 
 def test_every_model_is_covered():
-    assert set(SMALL) == set(MODEL_NORMS) == set(MODELS) == set(MODEL_DEFAULTS)
+    # "nqm" is the noisy quadratic model: an exact expectation (theory/nqm.py), no module.
+    networks = set(MODEL_DEFAULTS) - {"nqm"}
+    assert set(SMALL) == set(MODEL_NORMS) - {"nqm"} == set(MODELS) == networks
 
 
 @pytest.mark.parametrize("name,norm", CASES)

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="a study name under `studies:` in params")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
+    p.add_argument("--summary", metavar="FILE", help="write the finished sweep's counts as JSON")
 
     p = sub.add_parser("nqm", help="one noisy-quadratic-model configuration (exact, in seconds)")
     _common(p)
@@ -158,7 +159,30 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if args.workers < 1:
         raise ConfigError("--workers", f"{args.workers} is not >= 1", "an integer >= 1")
     raw = raw_params(args.params, [*args.overrides, *extra])
-    return run_sweep(raw, args.study, workers=args.workers, storage=args.storage)
+    code = run_sweep(raw, args.study, workers=args.workers, storage=args.storage)
+    if code == 0 and args.summary:
+        _write_sweep_summary(raw, args, args.summary)
+    return code
+
+
+# Counts that only change when the runs do: a DVC output that stays byte-identical when a
+# rerun trains nothing, so the analysis downstream is not redone.
+_STABLE = (
+    "study", "optuna_study", "grid_hash", "metric", "grid_points", "points", "finished",
+    "diverged", "skipped", "added_by_edges", "failed", "remaining", "done", "parent_run_id",
+)  # fmt: skip
+
+
+def _write_sweep_summary(raw: dict, args: argparse.Namespace, path: str) -> None:
+    from pathlib import Path
+
+    from sgdnoise.sweep import study_status
+
+    status = study_status(raw, args.study, storage=args.storage)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stable = {k: status[k] for k in _STABLE if k in status}
+    out.write_text(json.dumps(stable, indent=2, sort_keys=True) + "\n")
 
 
 def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
