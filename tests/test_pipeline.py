@@ -1,0 +1,109 @@
+"""End to end: `dvc repro` of the whole study, on a shrunken copy of the default params,
+in a temporary git repository, with the real CLI, DVC, Optuna and MLflow."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets")
+
+
+def shrunken_params() -> dict:
+    """The default params with a tiny dataset, model and grids (seconds per study)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(num_samples=600)
+    params["model"].update(width=32)
+    params["train"].update(eval_points=2, threads=1)
+    small = {"train.lr_eff": {"base": 2, "min_exp": -2, "max_exp": 0}, "train.seed": [0, 1]}
+    studies = params["studies"]
+    for name in STUDIES:
+        study = studies[name]
+        grid = {**study["grid"], **small}
+        if "train.batch_size" in grid:
+            grid["train.batch_size"] = [32, 128]
+        if "train.optimizer" in grid:
+            grid["train.optimizer"] = ["momentum"]
+        if "train.budget.value" in grid:
+            grid["train.budget.value"] = [1, 2]
+        study["grid"] = grid
+        study["edges"] = {**study.get("edges", {}), "extend": False}
+        fixed = study.get("fixed", {})
+        if fixed.get("train.budget.unit") == "steps":
+            fixed["train.budget.value"] = 20
+        elif "train.budget.value" in fixed:
+            fixed["train.budget.value"] = 1
+    params["studies"] = {k: v for k, v in studies.items() if k in STUDIES}
+    return params
+
+
+def _run(root: Path, *cmd: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd}: {res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def _ran(res: subprocess.CompletedProcess) -> set[str]:
+    text = res.stdout + res.stderr
+    return {line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage")}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    for name in ("dvc.yaml", "README.md", "MLproject", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for name in ("src/sgdnoise", "analysis"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(shrunken_params(), sort_keys=False))
+    _run(root, "git", "init", "-q")
+    _run(root, "dvc", "init", "-q")
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root
+
+
+def test_repro_runs_every_stage_and_writes_well_formed_outputs(pipeline: Path) -> None:
+    res = _run(pipeline, "dvc", "repro")
+    expected = {"prepare"} | {f"{s}@{n}" for s in ("sweep", "analyze") for n in STUDIES}
+    assert _ran(res) == expected | {"report"}
+    for name in STUDIES:
+        sweep = json.loads((pipeline / "results/sweeps" / f"{name}.json").read_text())
+        assert sweep["done"] and sweep["finished"] == sweep["points"] > 0
+        summary = json.loads((pipeline / "results" / name / "summary.json").read_text())
+        assert summary["study"] == name and summary["groups"]
+        table = (pipeline / "results" / name / "table.md").read_text()
+        assert "|" in table and "2^" in table
+        assert list((pipeline / "results" / name).glob("*.png"))
+    report = (pipeline / "results/REPORT.md").read_text()
+    assert all(name in report for name in STUDIES)
+    readme = (pipeline / "README.md").read_text()
+    assert "(not generated yet" not in readme and "<!-- study:end -->" in readme
+    metrics = _run(pipeline, "dvc", "metrics", "show", "--json")
+    assert "constant_epochs" in metrics.stdout
+    plots = _run(pipeline, "dvc", "plots", "show", "-o", str(pipeline / "plots_html"))
+    assert (pipeline / "plots_html" / "index.html").is_file(), plots.stdout
+
+
+def test_second_repro_runs_nothing(pipeline: Path) -> None:
+    res = _run(pipeline, "dvc", "repro")
+    assert _ran(res) == set()
+
+
+def test_changing_one_grid_reruns_only_that_study(pipeline: Path) -> None:
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
+    changed = copy.deepcopy(params)
+    changed["studies"]["constant_steps"]["grid"]["train.seed"] = [0, 1, 2]
+    (pipeline / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    res = _run(pipeline, "dvc", "repro")
+    assert _ran(res) == {"sweep@constant_steps", "analyze@constant_steps", "report"}
