@@ -406,3 +406,11 @@ def release_connections(uri: str) -> None:
             engine.dispose()
     except Exception:  # a REST store has no engine; nothing to release
         pass
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return client(uri).get_run(run_id).info.status
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(client(uri).get_run(run_id).data.tags)

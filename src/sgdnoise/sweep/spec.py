@@ -179,10 +179,10 @@ def load_spec(raw: Mapping[str, Any], name: str) -> StudySpec:
     base = from_dict(raw)
     known = set(public_keys())
 
-    fixed = _mapping(body.get("fixed") or {}, f"{key}.fixed")
+    fixed = _flat_keys(_mapping(body.get("fixed") or {}, f"{key}.fixed"), known)
     for k in fixed:
         _check_key(k, f"{key}.fixed.{k}", known)
-    grid_raw = _mapping(body.get("grid"), f"{key}.grid")
+    grid_raw = _flat_keys(_mapping(body.get("grid"), f"{key}.grid"), known)
     if not grid_raw:
         raise ConfigError(f"{key}.grid", "is empty", "a mapping of public keys to value lists")
     axes: dict[str, list[Any]] = {}
@@ -250,9 +250,9 @@ def _point_config(spec: StudySpec, values: Mapping[str, Any]) -> Config:
             raise ConfigError(
                 f"{spec.key}.grid.{e.key}", f"{_problem(e, values)}", e.allowed
             ) from None
-        if e.key in spec.fixed:
-            raise ConfigError(f"{spec.key}.fixed.{e.key}", e.problem, e.allowed) from None
         at = f" at grid point {values}" if values else ""
+        if e.key in spec.fixed:
+            raise ConfigError(f"{spec.key}.fixed.{e.key}", e.problem + at, e.allowed) from None
         raise ConfigError(e.key, f"{e.problem}{at} of {spec.key}", e.allowed) from None
 
 
@@ -267,6 +267,20 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(where, f"{value!r} is not a mapping", "a mapping of dotted keys")
     return {str(k): v for k, v in value.items()}
+
+
+def _flat_keys(d: Mapping[str, Any], known: set[str], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys as written in params.yaml (`train.lr_eff: [...]`), plus the nested form
+    that `-P studies.s.grid.train.lr_eff=[...]` produces; the nested (override) wins."""
+    flat: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if key not in known and isinstance(v, Mapping) and v:
+            nested.update(_flat_keys(v, known, f"{key}."))
+        else:
+            flat[key] = v
+    return {**flat, **nested}
 
 
 def _check_key(k: str, where: str, known: set[str]) -> None:

@@ -1,9 +1,10 @@
 """The sweep's state as read from Optuna trials: points, their attempts, groups.
 
 Every trial the sweep creates carries user attributes:
-  run_key, point (JSON of the grid values), origin (grid | edge),
+  run_key, point (JSON of the grid values), origin (grid | edge), run_name,
   worker (who claimed it), mlflow_run_id, status (finished | diverged | skipped),
-  metrics (final_* values; null for non-finite), error (a failed attempt's message).
+  metrics (final_* values; null for non-finite), adopted (took over a finished run),
+  skip_reason, error (a failed attempt's message).
 A point is *live* while one of its trials is WAITING, RUNNING, COMPLETE or PRUNED (a
 skipped point); the sweep keeps at most one live trial per point at any time.
 """
@@ -23,7 +24,6 @@ from sgdnoise.sweep import edges
 from sgdnoise.sweep.spec import LR_KEY, Point, StudySpec
 
 LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-USER_ATTRS = ("run_key", "point", "origin", "worker", "mlflow_run_id", "status", "metrics")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from sgdnoise.config import ConfigError
 from sgdnoise.sweep.liveness import FileLiveness, HeartbeatLiveness, Liveness
 from sgdnoise.sweep.spec import Heartbeat
-from sgdnoise.tracking import redact
+from sgdnoise.tracking import redact, redact_text
 
 ALLOWED = "postgresql://user@host:port/db, a journal file path, or nothing (optuna/ at the root)"
 
@@ -115,20 +116,26 @@ class PostgresSweepStorage(SweepStorage):
         self.display = redact(url)
         self._lock_engine: Any = None
         self._stale: list[Any] = []
+        self._known: set[str] = set()
 
     def _create(self) -> Any:
         import sqlalchemy.exc
+        from optuna.exceptions import ExperimentalWarning
         from optuna.storages import RDBStorage
 
         for attempt in range(3):
             try:
-                return RDBStorage(
-                    self.url,
-                    engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=self.heartbeat.interval,
-                    grace_period=self.heartbeat.grace_period,
-                    heartbeat_stale_trial_callback=lambda study, trial: self._stale.append(trial),
-                )
+                with warnings.catch_warnings():
+                    # heartbeat_interval is "experimental" since Optuna 2.9; it is the
+                    # documented liveness mechanism of database storages.
+                    warnings.simplefilter("ignore", category=ExperimentalWarning)
+                    return RDBStorage(
+                        self.url,
+                        engine_kwargs={"pool_pre_ping": True},
+                        heartbeat_interval=self.heartbeat.interval,
+                        grace_period=self.heartbeat.grace_period,
+                        heartbeat_stale_trial_callback=lambda s, trial: self._stale.append(trial),
+                    )
             except sqlalchemy.exc.OperationalError as e:
                 raise ConfigError(
                     "--storage", f"cannot connect to {self.display} ({_first_line(e)})", ALLOWED
@@ -141,18 +148,33 @@ class PostgresSweepStorage(SweepStorage):
         raise AssertionError("unreachable")
 
     def exists(self, study_name: str) -> bool:
-        import sqlalchemy.exc
+        if study_name in self._known:
+            return True  # studies are never deleted by a sweep; the progress bar asks often
+        import sqlalchemy
+        from optuna.exceptions import StorageInternalError
         from optuna.storages import RDBStorage
 
         _quiet_optuna()
+        # Look before touching: RDBStorage would write its version table into a fresh
+        # database, and `status` must never create anything.
+        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
         try:
-            storage = RDBStorage(self.url, skip_table_creation=True, skip_compatibility_check=True)
+            if not sqlalchemy.inspect(engine).has_table("studies"):
+                return False
+        except sqlalchemy.exc.OperationalError as e:
+            raise ConfigError(
+                "--storage", f"cannot connect to {self.display} ({_first_line(e)})", ALLOWED
+            ) from None
+        finally:
+            engine.dispose()
+        storage = RDBStorage(self.url, skip_table_creation=True, skip_compatibility_check=True)
+        try:
             storage.get_study_id_from_name(study_name)
-        except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        except (KeyError, StorageInternalError):
             return False
         finally:
-            with contextlib.suppress(Exception):
-                storage.engine.dispose()  # type: ignore[possibly-undefined]
+            storage.engine.dispose()
+        self._known.add(study_name)
         return True
 
     @contextlib.contextmanager
@@ -190,15 +212,20 @@ class PostgresSweepStorage(SweepStorage):
 
 
 def _first_line(e: BaseException) -> str:
+    """A driver's message, first line, credentials removed (it may quote the URL)."""
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
     return redact_text(text[0] if text else type(e).__name__)
 
 
-def redact_text(text: str) -> str:
-    """A driver's message may quote the URL; drop anything that looks like user:pass@."""
-    import re
+def _postgres_driver() -> str:
+    """SQLAlchemy's dialect+driver for a bare postgresql:// URL: SQLAlchemy 2.1 defaults to
+    psycopg (3), but the project installs psycopg2-binary; use whichever is there."""
+    import importlib.util
 
-    return re.sub(r"://[^@/\s]+@", "://***@", text)
+    for module, scheme in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return scheme
+    raise ConfigError("--storage", "no PostgreSQL driver installed", "pip install psycopg2-binary")
 
 
 def open_storage(
@@ -210,8 +237,8 @@ def open_storage(
     url = url.strip()
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        if scheme == "postgres":
-            url = "postgresql" + url[len("postgres") :]
+        if scheme in ("postgresql", "postgres"):
+            url = f"{_postgres_driver()}://{url.split('://', 1)[1]}"
         return PostgresSweepStorage(url, heartbeat)
     if scheme.startswith("sqlite"):
         raise ConfigError(

@@ -1,0 +1,371 @@
+"""A sweep worker: claim a waiting grid point, train it, report it; until none remain.
+
+Exactly once, by construction rather than by clean-up:
+- Every grid point is enqueued once as a WAITING trial (study.py, under the study lock).
+  Workers never call `study.ask()`, so GridSampler never draws a point itself (with
+  several workers it would repeat points).
+- A claim is the atomic WAITING -> RUNNING transition of the storage
+  (`set_trial_state_values` returns False to all but one claimer), taken under the study
+  lock together with the liveness record that says who holds it.
+- A dead worker's RUNNING trial is failed and its point enqueued again, both under the
+  lock, so a point never has two live trials. Its RUNNING MLflow run is marked KILLED.
+- Before training, the worker looks for a FINISHED MLflow child run of the point (a
+  worker killed between finishing its run and telling Optuna leaves one) and adopts it.
+- A trial that a storage failed behind a worker's back (a heartbeat that went stale while
+  the worker still lived) cannot be completed; that worker marks its own run KILLED.
+
+Results: a diverged run is a COMPLETE trial (it is data, not a failure). Optuna cannot
+store NaN, so a trial's value is its metric when finite, else the worst finite value for
+the study's direction (-/+ sys.float_info.max); the real metrics, NaN as null, are in the
+trial's `metrics` user attribute and in MLflow. A training error FAILs the trial; its
+point is tried again on the next start of the sweep (not in a loop within one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from sgdnoise import tracking
+from sgdnoise.config import ConfigError
+from sgdnoise.sweep import edges
+from sgdnoise.sweep.spec import StudySpec
+from sgdnoise.sweep.state import GridState
+from sgdnoise.sweep.storage import SweepStorage
+from sgdnoise.sweep.study import enqueue, load_study
+
+T = tracking.TAG
+WAIT, AGAIN, DONE = "wait", "again", "done"
+POLL_SECONDS = 1.0
+# Metrics copied onto the trial (user attribute `metrics`).
+TRIAL_METRICS = (
+    "final_test_accuracy", "final_train_accuracy", "final_test_loss", "final_train_loss",
+    "diverged", "steps",
+)  # fmt: skip
+
+
+@dataclass
+class SweepContext:
+    spec: StudySpec
+    store: SweepStorage
+    root: Path
+    tracking_uri: str
+    parent_run_id: str
+    threads: int | None = None
+
+
+@dataclass
+class Tally:
+    trained: int = 0
+    adopted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    recovered: int = 0
+    added: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+# (grid values, extra MLflow tags) -> the train() result
+Runner = Callable[[dict[str, Any], dict[str, str]], Any]
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def local_runner(ctx: SweepContext) -> Runner:
+    """Train in this process, through the same code path as `sgdnoise train`."""
+
+    def run(values: dict[str, Any], tags: dict[str, str]) -> Any:
+        from sgdnoise.train import train
+
+        cfg = ctx.spec.config(values, threads=ctx.threads)
+        return train(cfg, root=ctx.root, parent_run_id=ctx.parent_run_id, extra_tags=tags)
+
+    return run
+
+
+def stderr_log(prefix: str) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        print(f"{prefix}{line}", file=sys.stderr, flush=True)
+
+    return log
+
+
+class Worker:
+    def __init__(
+        self,
+        ctx: SweepContext,
+        runner: Runner,
+        *,
+        worker_id: str | None = None,
+        log: Callable[[str], None] | None = None,
+        poll_seconds: float = POLL_SECONDS,
+    ):
+        self.ctx, self.spec, self.store = ctx, ctx.spec, ctx.store
+        self.runner, self.log, self.poll = runner, log or stderr_log(""), poll_seconds
+        self.worker_id = worker_id or new_worker_id()
+        self.tally = Tally()
+        self.study: Any = None
+        self.live: Any = None
+
+    # ---- the loop ----
+    def run(self) -> Tally:
+        self.study = load_study(self.spec, self.store)
+        self.live = self.store.liveness(self.spec.optuna_name, self.worker_id)
+        self.live.start()
+        try:
+            while True:
+                step = self._next()
+                if step == DONE:
+                    break
+                if step == WAIT:
+                    time.sleep(self.poll)
+                elif step != AGAIN:
+                    group = self._execute(step)
+                    if group is not None:
+                        self._extend(group)
+        finally:
+            self.live.stop()
+        return self.tally
+
+    def _state(self) -> GridState:
+        return GridState(self.spec, self.study.get_trials(deepcopy=False))
+
+    def _next(self) -> FrozenTrial | str:
+        storage = self.study._storage
+        with self.store.lock(self.spec.optuna_name):
+            state = self._state()
+            n = recover(self.ctx, self.study, self.live, state, self.log)
+            if n:
+                self.tally.recovered += n
+                state = self._state()
+            if state.missing():  # a crash while enqueueing; harmless to finish here
+                for p in state.missing():
+                    enqueue(self.study, self.spec, p, "grid")
+                return AGAIN
+            for t in state.waiting():
+                decision = state.skip_decision(t)
+                if decision == edges.BLOCKED:
+                    continue  # waits for a smaller learning rate to finish
+                self.live.before_claim(t._trial_id)
+                try:
+                    claimed = storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+                except UpdateFinishedTrialError:
+                    claimed = False
+                if not claimed:
+                    continue
+                storage.set_trial_user_attr(t._trial_id, "worker", self.worker_id)
+                if decision == edges.SKIP:
+                    self._skip(t)
+                    return AGAIN
+                return storage.get_trial(t._trial_id)
+            if state.waiting() or state.running():
+                return WAIT
+            if self._extend_locked(state, None):
+                return AGAIN
+            return DONE
+
+    # ---- one trial ----
+    def _execute(self, t: FrozenTrial) -> str | None:
+        """Train (or adopt) the claimed trial; return its group when it completed."""
+        values = json.loads(t.user_attrs["point"])
+        run_key = t.user_attrs["run_key"]
+        point = self.spec.point(values)
+        found = tracking.finished_child(self.ctx.tracking_uri, self.ctx.parent_run_id, run_key)
+        if found is not None and self._adopt(t, found):
+            self.log(f"trial {t.number} {point.run_name}: adopted finished run {found[0]}")
+            return point.group
+        tags = {
+            T + "study": self.spec.name,
+            T + "trial_number": str(t.number),
+            T + "optuna_study": self.spec.optuna_name,
+            T + "grid_hash": self.spec.grid_hash,
+            T + "worker": self.worker_id,
+            T + "origin": t.user_attrs.get("origin", "grid"),
+        }
+        t0 = time.monotonic()
+        with self.live.running(t._trial_id):
+            try:
+                result = self.runner(values, tags)
+            except BaseException as e:
+                interrupted = _interruption(e)
+                self._fail(t, e, interrupted)
+                if interrupted:
+                    raise  # stop this worker: Ctrl-C or SIGTERM
+                return None
+        if result.run_id is None:  # a rank other than 0 never reaches here
+            raise RuntimeError("train() returned no MLflow run id on the main process")
+        done = self._complete(t, result.run_id, result.status, result.metrics)
+        if done:
+            self.tally.trained += 1
+            m = self.spec.metric.name
+            value = result.metrics.get(m, math.nan)
+            self.log(
+                f"trial {t.number} {point.run_name}: {result.status}, {m}={value:.4g} "
+                f"({time.monotonic() - t0:.1f} s)"
+            )
+        return point.group if done else None
+
+    def _adopt(self, t: FrozenTrial, found: tuple[str, dict[str, float], str]) -> bool:
+        """Take over the FINISHED run a dead (or presumed dead) attempt left behind."""
+        run_id, metrics, status = found
+        uri = self.ctx.tracking_uri
+        tracking.tag_run(uri, run_id, {T + "trial_number": str(t.number)})
+        # A presumed-dead worker that still lived marks its run KILLED when it learns its
+        # trial was taken over, unless the run was adopted first: look again after tagging.
+        if tracking.run_status(uri, run_id) != "FINISHED":
+            return False
+        self.study._storage.set_trial_user_attr(t._trial_id, "adopted", True)
+        self._complete(t, run_id, status, metrics)
+        self.tally.adopted += 1
+        return True
+
+    def _complete(
+        self, t: FrozenTrial, run_id: str, status: str, metrics: dict[str, float]
+    ) -> bool:
+        storage = self.study._storage
+        kept = {k: _finite(metrics.get(k)) for k in TRIAL_METRICS if k in metrics}
+        # run -> trial: a run resumed from a checkpoint (or adopted) still names the attempt
+        # that created it.
+        tracking.tag_run(
+            self.ctx.tracking_uri, run_id,
+            {T + "trial_number": str(t.number), T + "worker": self.worker_id},
+        )  # fmt: skip
+        storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_id)
+        storage.set_trial_user_attr(t._trial_id, "status", status)
+        storage.set_trial_user_attr(t._trial_id, "metrics", kept)
+        value = _finite(metrics.get(self.spec.metric.name))
+        if value is None or status == "diverged" and value is None:
+            value = (
+                -sys.float_info.max
+                if self.spec.metric.direction == "maximize"
+                else sys.float_info.max
+            )
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [value])
+            ok = storage.get_trial(t._trial_id).state == TrialState.COMPLETE
+        except UpdateFinishedTrialError:
+            ok = False
+        if not ok:
+            # Our trial was declared dead while we still ran (a heartbeat that went stale):
+            # the point was handed to another worker, so this run must not count as its
+            # finished run, unless that worker adopted it already (it re-tagged the run).
+            uri = self.ctx.tracking_uri
+            if tracking.run_tags(uri, run_id).get(T + "trial_number") == str(t.number):
+                tracking.set_run_status(uri, run_id, "KILLED")
+                self.log(f"trial {t.number}: taken over by another worker; run {run_id} KILLED")
+        return ok
+
+    def _fail(self, t: FrozenTrial, e: BaseException, interrupted: bool) -> None:
+        storage = self.study._storage
+        message = f"{type(e).__name__}: {e}"[:500]
+        try:
+            storage.set_trial_user_attr(t._trial_id, "error", message)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if interrupted:
+                # Stopped from outside (Ctrl-C, SIGTERM): the point itself is fine; queue it
+                # again now. With checkpoints on, whoever runs it next resumes the run.
+                with self.store.lock(self.spec.optuna_name):
+                    enqueue(self.study, self.spec, self.spec.point(json.loads(t.user_attrs["point"])),
+                            t.user_attrs.get("origin", "grid"))  # fmt: skip
+                tracking.kill_children(
+                    self.ctx.tracking_uri, self.ctx.parent_run_id, t.number, ("RUNNING", "FAILED")
+                )
+        except Exception:  # keep the original error visible
+            pass
+        if not interrupted:
+            self.tally.failed += 1
+            self.tally.errors.append(f"trial {t.number}: {message}")
+            self.log(f"trial {t.number} FAILED: {message}")
+            self.log("".join(traceback.format_exception(e)).rstrip())
+
+    def _skip(self, t: FrozenTrial) -> None:
+        storage = self.study._storage
+        storage.set_trial_user_attr(t._trial_id, "status", "skipped")
+        storage.set_trial_user_attr(
+            t._trial_id, "skip_reason", "a smaller learning rate above 1 diverged for every seed"
+        )
+        storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+        self.tally.skipped += 1
+        point = self.spec.point(json.loads(t.user_attrs["point"]))
+        self.log(f"trial {t.number} {point.run_name}: skipped (all seeds diverged below it)")
+
+    # ---- grid edges ----
+    def _extend(self, group: str) -> None:
+        with self.store.lock(self.spec.optuna_name):
+            self._extend_locked(self._state(), group)
+
+    def _extend_locked(self, state: GridState, group: str | None) -> int:
+        added = extend(self.spec, self.study, state, group, self.log)
+        self.tally.added += added
+        return added
+
+
+def extend(spec: StudySpec, study: Any, state: GridState, group: str | None, log) -> int:
+    """Enqueue the points the edge rules ask for (under the study lock)."""
+    added = 0
+    seen = set(state.points)
+    for values in state.extensions(group):
+        try:
+            point = spec.point(values)
+        except ConfigError as e:
+            log(f"grid edge: cannot add {values}: {e}")
+            continue
+        if point.run_key in seen:
+            continue
+        enqueue(study, spec, point, "edge")
+        seen.add(point.run_key)
+        added += 1
+        log(f"grid edge: added {point.run_name}")
+    return added
+
+
+def recover(ctx: SweepContext, study: Any, live: Any, state: GridState, log) -> int:
+    """Fail dead workers' trials, mark their MLflow runs KILLED, enqueue their points again.
+    Under the study lock."""
+    dead = live.reap(study, state.running())
+    for t in dead:
+        try:
+            killed = tracking.kill_children(ctx.tracking_uri, ctx.parent_run_id, t.number)
+        except Exception as e:  # the tracking store may be down; Optuna's state comes first
+            killed = []
+            log(f"trial {t.number}: could not mark its MLflow run KILLED ({type(e).__name__})")
+        point = ctx.spec.point(json.loads(t.user_attrs["point"]))
+        enqueue(study, ctx.spec, point, t.user_attrs.get("origin", "grid"))
+        who = t.user_attrs.get("worker", "an unknown worker")
+        log(
+            f"trial {t.number} {point.run_name}: worker {who} is dead; point queued again"
+            + (f", run {killed[0]} KILLED" if killed else "")
+        )
+    return len(dead)
+
+
+def _interruption(e: BaseException) -> bool:
+    """Ctrl-C, SystemExit, or train()'s Preempted (SIGTERM, checkpoint written)."""
+    if not isinstance(e, Exception):
+        return True
+    from sgdnoise.train import Preempted  # imported already: the runner trains
+
+    return isinstance(e, Preempted)
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

@@ -1,0 +1,378 @@
+"""End-to-end sweeps: the real CLI in subprocesses, real Optuna and MLflow stores in
+temporary project directories (each its own params.yaml, mlflow.db, optuna/, data/).
+
+Runs are tiny (a synthetic teacher-student task, a 16-unit MLP, a few dozen steps) so the
+tests measure the sweep machinery, not training. Exactly-once is checked in both stores:
+one COMPLETE trial per grid point in Optuna, one FINISHED child run per point in MLflow,
+cross-referenced both ways, and nothing left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pg import free_port, throwaway_postgres
+
+BASE: dict[str, Any] = {
+    "data": {"name": "synthetic", "num_samples": 400},
+    "model": {"name": "mlp", "width": 16},
+    "train": {
+        "budget": {"unit": "steps", "value": 24},
+        "batch_size": 32,
+        "schedule": "constant",
+        "eval_points": 2,
+        # One thread: the machine's cores are shared, and a 2-thread OpenMP team whose
+        # second thread is descheduled can run a tiny model 50x slower.
+        "threads": 1,
+    },
+}
+CORES = len(os.sched_getaffinity(0))
+
+
+def make_project(root: Path, studies: dict[str, Any], **base: Any) -> Path:
+    params = json.loads(json.dumps(BASE))
+    for section, values in base.items():
+        params[section].update(values)
+    params["studies"] = studies
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SGDNOISE_"))}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        out.pop(k, None)
+    out["PYTHONUNBUFFERED"] = "1"
+    return out
+
+
+def cli(root: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sgdnoise.cli", *args],
+        cwd=root, env=env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def start(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sgdnoise.cli", *args],
+        cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+def status(root: Path, study: str, *extra: str) -> dict[str, Any]:
+    proc = cli(root, "status", study, "--json", *extra)
+    ok(proc)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- reading the stores ----
+
+
+def optuna_trials(root: Path, optuna_study: str, storage: str | None = None) -> list[Any]:
+    import optuna
+
+    if storage is None:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        store = JournalStorage(JournalFileBackend(str(root / "optuna" / f"{optuna_study}.log")))
+    else:
+        store = optuna.storages.RDBStorage(
+            storage.replace("postgresql://", "postgresql+psycopg2://")
+        )
+    trials = optuna.load_study(study_name=optuna_study, storage=store).get_trials(deepcopy=False)
+    if storage is not None:
+        store.engine.dispose()
+    return trials
+
+
+def mlflow_runs(root: Path) -> list[dict[str, Any]]:
+    """Every run with its tags and params, straight from the sqlite store (no MLflow import)."""
+    with sqlite3.connect(root / "mlflow.db") as db:
+        runs = {
+            r: {"run_id": r, "status": s, "name": n, "tags": {}, "params": {}}
+            for r, s, n in db.execute("SELECT run_uuid, status, name FROM runs")
+        }
+        for r, k, v in db.execute("SELECT run_uuid, key, value FROM tags"):
+            runs[r]["tags"][k] = v
+        for r, k, v in db.execute("SELECT run_uuid, key, value FROM params"):
+            runs[r]["params"][k] = v
+    return list(runs.values())
+
+
+def check_exactly_once(
+    root: Path, study: str, storage: str | None = None
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Every point of the study: one COMPLETE (or skipped) trial and one FINISHED MLflow
+    child run, cross-referenced; nothing RUNNING anywhere. Returns (trials, child runs)."""
+    st = status(root, study, *(("--storage", storage) if storage else ()))
+    assert st["done"] and st["remaining"] == 0, st
+    trials = optuna_trials(root, st["optuna_study"], storage)
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    skipped = [t for t in trials if t.state.name == "PRUNED"]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    keys = Counter(t.user_attrs["run_key"] for t in done + skipped)
+    assert all(n == 1 for n in keys.values()), f"a point has two trials: {keys}"
+    assert len(keys) == st["points"]
+
+    runs = mlflow_runs(root)
+    parents = [
+        r for r in runs
+        if r["tags"].get("sgdnoise.kind") == "study" and r["tags"].get("sgdnoise.study") == study
+    ]  # fmt: skip
+    assert len(parents) == 1 and parents[0]["run_id"] == st["parent_run_id"]
+    parent = parents[0]
+    assert parent["status"] == "FINISHED"
+    assert parent["tags"]["sgdnoise.optuna_study"] == st["optuna_study"]
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]]
+    assert not [r for r in children if r["status"] == "RUNNING"]
+    finished = [r for r in children if r["status"] == "FINISHED"]
+    fkeys = Counter(r["tags"]["sgdnoise.run_key"] for r in finished)
+    assert all(n == 1 for n in fkeys.values()), f"a point has two finished runs: {fkeys}"
+    assert set(fkeys) == {t.user_attrs["run_key"] for t in done}
+    by_id = {r["run_id"]: r for r in finished}
+    for t in done:  # trial -> run and run -> trial
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run["tags"]["sgdnoise.run_key"] == t.user_attrs["run_key"]
+        assert run["tags"]["sgdnoise.trial_number"] == str(t.number)
+        assert run["tags"]["sgdnoise.study"] == study
+        assert run["tags"]["sgdnoise.kind"] == "run"
+        assert run["tags"]["sgdnoise.status"] == t.user_attrs["status"]
+    return trials, children
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"sweep exited ({proc.returncode}) before {what}:\n"
+                                 + (proc.stdout.read() if proc.stdout else ""))  # fmt: skip
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_child(root: Path) -> dict[str, Any] | None:
+    """A RUNNING MLflow child run (the moment a worker is mid-run)."""
+    if not (root / "mlflow.db").exists():
+        return None
+    try:
+        runs = mlflow_runs(root)
+    except sqlite3.Error:
+        return None
+    live = [r for r in runs if r["status"] == "RUNNING" and r["tags"].get("sgdnoise.kind") == "run"]
+    return live[0] if live else None
+
+
+def pid_of(worker_id: str) -> int:
+    return int(worker_id.rsplit("-", 2)[1])  # <host>-<pid>-<nonce>
+
+
+# ---- two workers, then a re-run ----
+
+GRID = {
+    "grid": {
+        "train.batch_size": [16, 32],
+        "train.lr_eff": {"base": 2, "min_exp": -2, "max_exp": 0},
+        "train.seed": [0],
+    },
+    "fixed": {"train.budget.value": 300},
+    "metric": {"name": "final_test_accuracy", "direction": "maximize"},
+    "edges": {"extend": False},
+}
+
+
+@pytest.fixture(scope="module")
+def two_worker_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    # threads unset: the sweep divides the cores among the workers.
+    root = make_project(tmp_path_factory.mktemp("two"), {"grid6": GRID}, train={"threads": None})
+    return root, cli(root, "sweep", "grid6", "--workers", "2")
+
+
+def test_two_workers_complete_the_grid_with_no_duplicates(two_worker_project) -> None:
+    root, proc = two_worker_project
+    out = ok(proc)
+    trials, children = check_exactly_once(root, "grid6")
+    assert len(trials) == 6 and len(children) == 6  # not one extra trial or run
+    # Both workers took part, each with its share of the cores.
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, out
+    assert {r["params"]["train.threads"] for r in children} == {str(max(1, CORES // 2))}
+    assert "6 trained now" in out
+
+
+def test_rerunning_a_finished_sweep_trains_nothing_and_is_fast(two_worker_project) -> None:
+    root, _ = two_worker_project
+    before = mlflow_runs(root)
+    t0 = time.monotonic()
+    out = ok(cli(root, "sweep", "grid6", "--workers", "2"))
+    elapsed = time.monotonic() - t0
+    assert "nothing to run" in out
+    assert elapsed < 10, f"a finished re-run took {elapsed:.1f} s"
+    assert len(mlflow_runs(root)) == len(before)
+    st = status(root, "grid6")
+    assert st["done"] and st["finished"] == 6 and st["running"] == [] and st["eta_s"] == 0
+    text = ok(cli(root, "status", "grid6"))
+    assert "6/6 points" in text and "complete" in text
+
+
+# ---- kill -9 of a worker mid-run, then a restart ----
+
+
+def test_kill9_worker_mid_run_then_restart_runs_every_point_once(tmp_path: Path) -> None:
+    study = {
+        "grid": {"train.lr_eff": [0.25, 0.5], "train.seed": [0]},
+        "fixed": {"train.budget.value": 2500},  # a few seconds per run: time to kill one
+        "edges": {"extend": False},
+    }
+    root = make_project(tmp_path, {"slow": study})
+    proc = start(root, "sweep", "slow")
+    victim = wait_for(lambda: running_child(root), 120, "a run to start", proc)
+    workers = wait_for(lambda: list((root / "optuna").glob(".slow-*.workers/*")), 10, "a worker")
+    os.kill(pid_of(workers[0].name), signal.SIGKILL)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "killed by signal 9" in out and "run the same command again" in out
+
+    out = ok(cli(root, "sweep", "slow"))
+    assert "is dead; point queued again" in out
+    trials, children = check_exactly_once(root, "slow")
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1  # the killed attempt, retried as a new trial
+    killed = [r for r in children if r["status"] == "KILLED"]
+    assert [r["run_id"] for r in killed] == [victim["run_id"]]
+    assert killed[0]["tags"]["sgdnoise.trial_number"] == str(failed[0].number)
+
+
+# ---- PostgreSQL: two workers, one killed; heartbeat recovery; credentials stay hidden ----
+
+
+def test_postgres_two_workers_exactly_once_with_heartbeat_recovery(tmp_path: Path) -> None:
+    secret = "pw-s3cret-9f2c"
+    study = {
+        "grid": {"train.lr_eff": [0.125, 0.25, 0.5], "train.seed": [0]},
+        "fixed": {"train.budget.value": 2500},
+        "edges": {"extend": False},
+        "heartbeat": {"interval": 1, "grace_period": 3},
+    }
+    root = make_project(tmp_path, {"pg": study})
+    with throwaway_postgres(password=secret) as url:
+        name = status(root, "pg", "--storage", url)["optuna_study"]  # not started yet
+        proc = start(root, "sweep", "pg", "--workers", "2", "--storage", url)
+
+        def victim() -> dict[str, Any] | None:
+            child = running_child(root)  # a worker is inside train(), its run is RUNNING
+            if child is None:
+                return None
+            trials = optuna_trials(root, name, url)
+            for t in trials:
+                if t.state.name == "RUNNING" and str(t.number) == child["tags"].get(
+                    "sgdnoise.trial_number"
+                ):
+                    return {"trial": t.number, "worker": t.user_attrs["worker"]}
+            return None
+
+        run = wait_for(victim, 120, "a running trial", proc)
+        os.kill(pid_of(run["worker"]), signal.SIGKILL)
+        out = proc.communicate(timeout=180)[0]
+        # The surviving worker noticed the silence and ran the point again.
+        assert proc.returncode == 0, out
+        assert "killed by signal 9" in out and "is dead; point queued again" in out
+        trials, children = check_exactly_once(root, "pg", storage=url)
+        assert [t.number for t in trials if t.state.name == "FAIL"] == [run["trial"]]
+        assert [r["status"] for r in children].count("KILLED") == 1
+        assert len({t.user_attrs["worker"] for t in trials}) == 2
+        text = out + ok(cli(root, "status", "pg", "--storage", url))
+
+    assert secret not in text and "***@127.0.0.1" in text
+    for r in mlflow_runs(root):
+        assert secret not in json.dumps(r)
+    assert not (root / "optuna").exists()  # everything Optuna went to PostgreSQL
+
+
+# ---- grid edges on a synthetic task ----
+
+
+def test_grid_edges_extend_past_the_optimum_and_skip_above_all_diverged(tmp_path: Path) -> None:
+    # On this task (24 steps, constant lr) every seed diverges at 2^9; the train-loss
+    # optimum lies far below the initial grid 2^9..2^11.
+    study = {
+        "grid": {"train.lr_eff": {"base": 2, "min_exp": 9, "max_exp": 11}, "train.seed": [0, 1]},
+        "metric": {"name": "final_train_loss", "direction": "minimize"},
+        "edges": {"extend": True, "max_extensions": 8, "skip_diverged": True},
+    }
+    root = make_project(tmp_path, {"edgy": study})
+    out = ok(cli(root, "sweep", "edgy"))
+    trials, children = check_exactly_once(root, "edgy")
+    st = status(root, "edgy")
+
+    by_lr: dict[float, list[Any]] = {}
+    for t in trials:
+        by_lr.setdefault(t.params["train.lr_eff"], []).append(t)
+    diverged_all = [
+        lr for lr, ts in by_lr.items()
+        if lr > 1 and all(t.user_attrs.get("status") == "diverged" for t in ts)
+    ]  # fmt: skip
+    assert diverged_all, "the task should diverge for every seed somewhere above 1"
+    lowest = min(diverged_all)
+    # Skipping: nothing above the lowest all-diverged lr ran, and it is counted as saved.
+    above = [t for lr, ts in by_lr.items() if lr > lowest for t in ts]
+    assert above and all(t.state.name == "PRUNED" for t in above)
+    assert st["skipped"] == len(above) and f"saved {len(above)}" in out
+    assert not [r for r in children if float(r["params"]["train.lr_eff"]) > lowest]
+    # Extension: powers of two below the grid, for both seeds, until the optimum is interior.
+    added = sorted({t.params["train.lr_eff"] for t in trials if t.user_attrs["origin"] == "edge"})
+    assert added and max(added) == 2.0**8
+    assert added == [2.0**e for e in range(8 - len(added) + 1, 9)]
+    assert st["added_by_edges"] == 2 * len(added) and f"added {2 * len(added)} runs" in out
+    mean = {
+        lr: sum(t.user_attrs["metrics"]["final_train_loss"] for t in ts) / len(ts)
+        for lr, ts in by_lr.items()
+        if all(t.state.name == "COMPLETE" and t.user_attrs["status"] == "finished" for t in ts)
+    }
+    best = min(mean, key=mean.get)
+    assert min(by_lr) < best < max(mean), f"optimum {best} is not interior: {mean}"
+    assert len(added) < 8  # found before the bound
+
+
+# ---- a worker made of two processes (torchrun, gloo, CPU) ----
+
+
+def test_torchrun_two_process_worker_runs_a_sweep(tmp_path: Path) -> None:
+    study = {
+        "grid": {"train.lr_eff": [0.25, 0.5], "train.seed": [0]},
+        "edges": {"extend": False},
+    }
+    root = make_project(tmp_path, {"ddp": study}, train={"device": "cpu"})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "sgdnoise.cli", "sweep", "ddp"],
+        cwd=root, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = ok(proc)
+    assert "one worker of 2 processes" in out
+    trials, children = check_exactly_once(root, "ddp")
+    assert len(trials) == 2 and len(children) == 2
+    assert {r["tags"]["sgdnoise.processes"] for r in children} == {"2"}
+    assert {r["params"]["derived.processes"] for r in children} == {"2"}
