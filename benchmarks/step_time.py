@@ -31,7 +31,12 @@ def _setup(cfg, root: Path):
     data = load(cfg.data, "cpu", root)
     torch.manual_seed(derived_seed("init", cfg.train.seed))
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    return data, model, make_optimizer(model, cfg), BatchOrder(data.n_train, cfg.train.batch_size, 0)
+    return (
+        data,
+        model,
+        make_optimizer(model, cfg),
+        BatchOrder(data.n_train, cfg.train.batch_size, 0),
+    )
 
 
 def bare(cfg, root: Path, steps: int) -> float:
