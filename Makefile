@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Stage commands (`sgdnoise ...` in dvc.yaml) and tests find the venv's tools first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 # torch and torchvision are pinned to the builds in these machines' local cache.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
@@ -37,6 +39,8 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/sweep_speed.py
+	$(BIN)/python benchmarks/analysis_query.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,9 +5,9 @@ derived from (seed, epoch/step), so a checkpoint is the model and optimizer stat
 reached and the metrics so far: tensors and plain values only, loaded with
 `weights_only=True` (Accelerate's save_state would also pickle RNG states, which must be
 unpickled with weights_only=False). Checkpoints live under
-<project root>/checkpoints/<run key>/step-<n>.pt and are written only at optimizer-step
-boundaries, to a temporary file that is fsynced and then renamed, so a kill at any moment
-leaves either the old or the new checkpoint, never half of one.
+<project root>/checkpoints/[<parent run id>-]<run key>/step-<n>.pt and are written only at
+optimizer-step boundaries, to a temporary file that is fsynced and then renamed, so a kill
+at any moment leaves either the old or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, root: Path):
+    def __init__(self, cfg: Config, root: Path, scope: str | None = None):
+        """`scope` (a sweep's parent run id) keeps the same config in two studies apart."""
         every = cfg.train.checkpoint_every
         self.unit, self.value = every.unit, every.value
-        self.dir = root / "checkpoints" / cfg.run_key
+        self.dir = root / "checkpoints" / (f"{scope}-{cfg.run_key}" if scope else cfg.run_key)
         self._last_time = time.monotonic()
         self._last_step = 0
 

@@ -282,8 +282,24 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         readme=None if args.no_readme else root / "README.md",
         setting=setting,
     )
+    if not args.no_readme:
+        _copy_theory_figures(root)
     print(path)
     return 0
+
+
+# The README's "theory vs experiment" section shows the NQM study's figures.
+_THEORY_FIGURES = ("optimal_lr_vs_batch.png", "best_metric_vs_batch.png")
+
+
+def _copy_theory_figures(root) -> None:
+    import shutil
+
+    for name in _THEORY_FIGURES:
+        src = root / "results" / "nqm" / name
+        if src.is_file():
+            (root / "docs" / "figures").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, root / "docs" / "figures" / f"nqm_{name}")
 
 
 def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:

@@ -200,7 +200,7 @@ def train(
     torch.manual_seed(derived_seed("init", t_cfg.seed))
     model = build_model(cfg.model, tuple(data.input_shape), data.num_classes).to(device)
     optimizer = make_optimizer(model, cfg)
-    ckpt = Checkpointer(cfg, root)
+    ckpt = Checkpointer(cfg, root, scope=parent_run_id)
     resume = ckpt.load_latest() if ckpt.enabled else None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -375,11 +375,14 @@ def _train_nqm(cfg, root, parent_run_id, extra_tags, track) -> RunResult:
             history.append({"step": step, **row})
             if tracker:
                 tracker.log_metrics(row, step)
-        status = "diverged" if out["diverged"] else "finished"
+        # The same rule as for networks: non-finite, or above divergence_factor × initial.
+        limit = cfg.train.divergence_factor * float(out["initial_loss"])
+        diverged = bool(out["diverged"]) or not float(out["final_loss"]) <= limit
+        status = "diverged" if diverged else "finished"
         metrics = {
             "final_train_loss": float(out["final_loss"]),
             "final_test_loss": float(out["final_loss"]),
-            "diverged": float(out["diverged"]),
+            "diverged": float(diverged),
             "steps": float(total),
             "epochs": 0.0,
             "examples_per_second": total * cfg.train.batch_size / max(elapsed, 1e-9),

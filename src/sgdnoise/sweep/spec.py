@@ -38,7 +38,10 @@ from sgdnoise.config import Config, ConfigError, from_dict, public_keys, with_va
 LR_KEY = "train.lr_eff"
 SEED_KEY = "train.seed"
 # Metrics every run reports (train.py); accuracies only for classification models.
-METRICS = ("final_test_accuracy", "final_train_accuracy", "final_test_loss", "final_train_loss")
+METRICS = (
+    "final_test_accuracy", "final_train_accuracy", "final_test_loss", "final_train_loss",
+    "steps_to_target",  # the NQM with nqm.target set
+)  # fmt: skip
 ACCURACY_METRICS = ("final_test_accuracy", "final_train_accuracy")
 DIRECTIONS = ("maximize", "minimize")
 STUDY_KEYS = ("fixed", "grid", "metric", "edges", "heartbeat", "description")
@@ -197,8 +200,15 @@ def load_spec(raw: Mapping[str, Any], name: str) -> StudySpec:
             lr_ratio = ratio
         axes[k] = values
 
-    metric = _metric(body.get("metric"), f"{key}.metric", base)
-    edges = _edges(body.get("edges"), f"{key}.edges", metric, base)
+    # The metric must exist for the study's own workload (its fixed keys may change the
+    # dataset or model); fixed values that only make sense with a grid value fall back to
+    # the base config, and every grid point is validated below anyway.
+    try:
+        workload = from_dict(with_values(raw, fixed))
+    except ConfigError:
+        workload = base
+    metric = _metric(body.get("metric"), f"{key}.metric", workload)
+    edges = _edges(body.get("edges"), f"{key}.edges", metric, workload)
     heartbeat = _heartbeat(body.get("heartbeat"), f"{key}.heartbeat")
     spec = StudySpec(
         name=name, raw=raw, fixed=fixed, axes=axes, metric=metric, edges=edges,
@@ -346,8 +356,13 @@ def _metric(value: Any, where: str, base: Config) -> Metric:
     name = value.get("name", default_name)
     if name not in METRICS:
         raise ConfigError(f"{where}.name", f"unknown metric {name!r}", " | ".join(METRICS))
-    if name in ACCURACY_METRICS and base.model.name == "autoencoder":
+    if name in ACCURACY_METRICS and base.model.name in ("autoencoder", "nqm"):
         raise ConfigError(f"{where}.name", f"{base.model.name} reports no accuracy", "a loss")
+    if name == "steps_to_target" and (base.data.name != "nqm" or base.nqm.target is None):
+        raise ConfigError(
+            f"{where}.name", "steps_to_target needs the NQM with nqm.target set",
+            "final_test_loss | final_train_loss",
+        )  # fmt: skip
     direction = value.get("direction", "maximize" if "accuracy" in name else "minimize")
     if direction not in DIRECTIONS:
         raise ConfigError(

@@ -53,7 +53,7 @@ POLL_SECONDS = 1.0
 # Metrics copied onto the trial (user attribute `metrics`).
 TRIAL_METRICS = (
     "final_test_accuracy", "final_train_accuracy", "final_test_loss", "final_train_loss",
-    "diverged", "steps",
+    "diverged", "steps", "steps_to_target",
 )  # fmt: skip
 
 
