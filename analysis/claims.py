@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,6 +345,20 @@ def _combine(parts: dict[str, tuple[str, str]]) -> tuple[str, str]:
     return verdict, detail
 
 
+def _per_series(
+    g: pd.DataFrame, part: Callable[[str, pd.DataFrame], tuple[str, str, dict[str, Any]]]
+) -> tuple[str, str, dict[str, Any]]:
+    """Judge each series (optimizer) on its own, then combine: any miss is a miss."""
+    parts: dict[str, tuple[str, str]] = {}
+    numbers: dict[str, Any] = {}
+    for series, sg in g.groupby("series", sort=True):
+        verdict, text, nums = part(str(series), sg)
+        parts[str(series)] = (verdict, text)
+        numbers[str(series)] = nums
+    verdict, detail = _combine(parts)
+    return verdict, detail, numbers
+
+
 def _missing(key: str, study: str, why: str) -> Claim:
     return Claim(key, TITLES[key], ROLE_OF[key], study, UNKNOWN, why)
 
@@ -475,16 +489,14 @@ def _lr_claim(key: str, result: StudyResult | None, study: str) -> Claim:
         return g
     summary = result.summary if result is not None else {}
     regimes = summary.get("regimes", {})
-    parts: dict[str, tuple[str, str]] = {}
-    numbers: dict[str, Any] = {}
-    hints: list[str] = []
-    for series, sg in g.groupby("series", sort=True):
-        verdict, text, nums = _lr_part(key, sg, regimes.get(series, {}))
-        parts[str(series)] = (verdict, text)
-        numbers[str(series)] = nums
-        if nums.get("edge_batch_sizes"):
-            hints.append(f"{series}: the lr grid does not bracket the optimum everywhere")
-    verdict, detail = _combine(parts)
+    verdict, detail, numbers = _per_series(
+        g, lambda series, sg: _lr_part(key, sg, regimes.get(series, {}))
+    )
+    hints = [
+        f"{series}: the lr grid does not bracket the optimum everywhere"
+        for series, nums in numbers.items()
+        if nums.get("edge_batch_sizes")
+    ]
     if verdict != HOLDS:
         b = g["batch_size"]
         hints.append(f"batch sizes span {int(b.min())} to {int(b.max())} only")
@@ -556,13 +568,8 @@ def _accuracy_claim(result: StudyResult | None, study: str) -> Claim:
         return g
     summary = result.summary if result is not None else {}
     metric, direction = summary["metric"], summary["direction"]
-    parts: dict[str, tuple[str, str]] = {}
-    numbers: dict[str, Any] = {"metric": metric}
-    for series, sg in g.groupby("series", sort=True):
-        verdict, text, nums = _accuracy_part(sg, metric, direction)
-        parts[str(series)] = (verdict, text)
-        numbers[str(series)] = nums
-    verdict, detail = _combine(parts)
+    verdict, detail, per = _per_series(g, lambda _, sg: _accuracy_part(sg, metric, direction))
+    numbers: dict[str, Any] = {"metric": metric, **per}
     hints = _seed_hints(g) + _edge_hints(g) if verdict != HOLDS else []
     if verdict == FAILS:
         hints.append(f"the largest batch size tried is {int(g['batch_size'].max())}")
@@ -715,13 +722,8 @@ def _steps_claim(result: StudyResult | None, study: str) -> Claim:
         return g
     summary = result.summary if result is not None else {}
     metric, direction = summary["metric"], summary["direction"]
-    parts: dict[str, tuple[str, str]] = {}
-    numbers: dict[str, Any] = {"metric": metric}
-    for series, sg in g.groupby("series", sort=True):
-        verdict, text, nums = _steps_part(sg, metric, direction)
-        parts[str(series)] = (verdict, text)
-        numbers[str(series)] = nums
-    verdict, detail = _combine(parts)
+    verdict, detail, per = _per_series(g, lambda _, sg: _steps_part(sg, metric, direction))
+    numbers: dict[str, Any] = {"metric": metric, **per}
     hints = _seed_hints(g) + _edge_hints(g) if verdict != HOLDS else []
     if verdict != HOLDS:
         hints.append(
