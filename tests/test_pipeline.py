@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets")
+STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets", "nqm")
 
 
 def shrunken_params() -> dict:
@@ -35,13 +35,16 @@ def shrunken_params() -> dict:
             grid["train.optimizer"] = ["momentum"]
         if "train.budget.value" in grid:
             grid["train.budget.value"] = [1, 2]
+        if name == "nqm":  # exact, no seeds: one seed, a short budget
+            grid["train.seed"] = [0]
         study["grid"] = grid
         study["edges"] = {**study.get("edges", {}), "extend": False}
         fixed = study.get("fixed", {})
         if fixed.get("train.budget.unit") == "steps":
-            fixed["train.budget.value"] = 20
+            fixed["train.budget.value"] = 200 if name == "nqm" else 20
         elif "train.budget.value" in fixed:
             fixed["train.budget.value"] = 1
+    params["nqm"].update(dim=300)
     params["studies"] = {k: v for k, v in studies.items() if k in STUDIES}
     return params
 
@@ -85,6 +88,7 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(pipeline: Path) -
         table = (pipeline / "results" / name / "table.md").read_text()
         assert "|" in table and "2^" in table
         assert list((pipeline / "results" / name).glob("*.png"))
+    assert (pipeline / "docs/figures/nqm_optimal_lr_vs_batch.png").is_file()
     report = (pipeline / "results/REPORT.md").read_text()
     assert all(name in report for name in STUDIES)
     readme = (pipeline / "README.md").read_text()
