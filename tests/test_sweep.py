@@ -376,3 +376,36 @@ def test_torchrun_two_process_worker_runs_a_sweep(tmp_path: Path) -> None:
     assert len(trials) == 2 and len(children) == 2
     assert {r["tags"]["sgdnoise.processes"] for r in children} == {"2"}
     assert {r["params"]["derived.processes"] for r in children} == {"2"}
+
+
+# ---- a dead worker's trial resumes from its checkpoint, in the same MLflow run ----
+
+
+def test_rerun_of_a_dead_workers_trial_resumes_its_checkpoint(tmp_path: Path) -> None:
+    study = {
+        "grid": {"train.lr_eff": [0.25], "train.seed": [0]},
+        "fixed": {
+            "train.budget.value": 3000,
+            "train.checkpoint_every.unit": "steps",
+            "train.checkpoint_every.value": 200,
+        },
+        "edges": {"extend": False},
+    }
+    root = make_project(tmp_path, {"long": study})
+    proc = start(root, "sweep", "long")
+    victim = wait_for(lambda: running_child(root), 120, "a run to start", proc)
+    wait_for(lambda: list(root.glob("checkpoints/*/step-*.pt")), 120, "a checkpoint", proc)
+    workers = wait_for(lambda: list((root / "optuna").glob(".long-*.workers/*")), 10, "a worker")
+    os.kill(pid_of(workers[0].name), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 1
+
+    out = ok(cli(root, "sweep", "long"))
+    assert "resuming" in out, out
+    trials, children = check_exactly_once(root, "long")
+    assert len([t for t in trials if t.state.name == "FAIL"]) == 1
+    finished = [r for r in children if r["status"] == "FINISHED"]
+    # The same MLflow run, continued from the checkpoint: not a second run.
+    assert [r["run_id"] for r in finished] == [victim["run_id"]]
+    assert len(children) == 1
+    assert not list(root.glob("checkpoints/*/step-*.pt"))  # cleared once finished
