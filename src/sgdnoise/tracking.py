@@ -206,15 +206,15 @@ class RunTracker:
         self._last_flush = time.monotonic()
 
     def finish(self, final: Mapping[str, float], tags: Mapping[str, str], status: str) -> None:
-        from mlflow.entities import RunTag
+        """The final metrics, the buffered ones and the tags in one batch, then the status."""
+        from mlflow.entities import Metric, RunTag
 
-        self.log_metrics(final, step=int(final.get("steps", 0)))
-        self._flush_with_tags([RunTag(k, str(v)) for k, v in tags.items()])
-        self.mlf.set_terminated(self.run_id, status)
-
-    def _flush_with_tags(self, tags: list[Any]) -> None:
-        self.mlf.log_batch(self.run_id, metrics=self._metrics, tags=tags)
+        ts, step = int(time.time() * 1000), int(final.get("steps", 0))
+        metrics = self._metrics + [Metric(k, float(v), ts, step) for k, v in final.items()]
+        tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.mlf.log_batch(self.run_id, metrics=metrics, tags=tag_list)
         self._metrics = []
+        self.mlf.set_terminated(self.run_id, status)
 
     def fail(self, status: str = "FAILED") -> None:
         """End the run as FAILED (or KILLED when preempted) so it is never left RUNNING."""

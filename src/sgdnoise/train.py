@@ -132,8 +132,8 @@ def _threads(cfg: Config, local_processes: int) -> int:
 class _Evaluator:
     """Full-dataset loss/accuracy in eval mode, sharded over processes and summed."""
 
-    def __init__(self, model, data, task: str, batch: int, acc, autocast):
-        self.model, self.data, self.task, self.batch = model, data, task, batch
+    def __init__(self, model, task: str, batch: int, acc, autocast):
+        self.model, self.task, self.batch = model, task, batch
         self.acc, self.autocast = acc, autocast
 
     @torch.no_grad()
@@ -213,7 +213,7 @@ def train(
     if P > 1:
         model = acc.prepare_model(model)
     net = acc.unwrap_model(model)
-    evaluate = _Evaluator(net, data, task, t_cfg.eval_batch_size, acc, acc.autocast)
+    evaluate = _Evaluator(net, task, t_cfg.eval_batch_size, acc, acc.autocast)
 
     tracker = None
     if track and acc.is_main_process and resume is not None and resume.get("run_id"):
