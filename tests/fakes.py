@@ -66,3 +66,36 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     dimensions as big-endian uint32, then the raw bytes."""
     header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+# Solid colours per class, far apart, so a decoded image's class is visible in its pixels.
+IMAGEFOLDER_COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)]
+
+
+def write_fake_imagefolder(
+    root: Path,
+    classes: list[str],
+    n_train: int,
+    n_test: int,
+    name: str = "imagenet",
+    seed: int = 0,
+) -> Path:
+    """`root/<name>/{train,val}/<class>/*.JPEG` as a local ImageNet copy is laid out (val
+    already sorted into class folders): per class n_train and n_test small JPEGs of assorted
+    sizes and aspect ratios, each a solid colour (IMAGEFOLDER_COLOURS, by class position in
+    `classes` as given) with a little noise. Returns `root/<name>`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = Path(root) / name
+    for split, n in (("train", n_train), ("val", n_test)):
+        for k, cls in enumerate(classes):
+            folder = base / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = (int(v) for v in rng.integers(20, 60, 2))
+                colour = np.array(IMAGEFOLDER_COLOURS[k % len(IMAGEFOLDER_COLOURS)])
+                pixels = colour + rng.integers(-8, 9, (h, w, 3))
+                img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+                img.save(folder / f"{cls}_{split}_{i}.JPEG", quality=95)
+    return base

@@ -18,7 +18,9 @@ BAD = [
     (["-P", "train.momentum=1.0"], "train.momentum"),
     (["-P", "train.optimizer=adam"], "train.optimizer"),
     (["-P", "train.schedule=linear"], "train.schedule"),
-    (["-P", "data.name=imagenet"], "data.name"),
+    (["-P", "data.name=imagenet21k"], "data.name"),
+    (["-P", "data.image_size=4"], "data.image_size"),
+    (["-P", "data.image_size=224.5"], "data.image_size"),
     (["-P", "model.name=vit"], "model.name"),
     (["-P", "model.norm=layer"], "model.norm"),
     (["-P", "train.budget.value=0"], "train.budget.value"),
@@ -53,6 +55,10 @@ BAD = [
     (["--params", "missing.yaml"], "--params"),
     (["-P", "train.budget=5"], "train.budget"),
     (["-P", "data.name=cifar10", "-P", "model.name=wrn", "-P", "model.norm=batch"], "data.root"),
+    (
+        ["-P", "data.name=imagenet", "-P", "model.name=resnet50", "-P", "model.norm=batch"],
+        "data.root",
+    ),
 ]
 
 
@@ -105,3 +111,17 @@ def test_processes_must_divide_the_batch() -> None:
     assert e.value.key == "train.batch_size"
     cfg = load_config(None, ["train.batch_size=64", "train.micro_batch_size=16"], num_processes=2)
     assert cfg.train.micro_batch_size == 16
+
+
+def test_image_size_is_part_of_what_is_trained() -> None:
+    base = load_config(None, ["data.name=imagenet", "model.name=resnet50", "model.norm=batch"])
+    assert base.data.image_size is None  # 224, the usual ImageNet crop, when prepared
+    assert base.flat()["data.image_size"] is None  # recorded with the run's params
+    small = load_config(
+        None,
+        ["data.name=imagenet", "model.name=resnet50", "model.norm=batch", "data.image_size=128"],
+    )
+    assert small.run_key != base.run_key
+    # Unset, it leaves run keys as they were before the key existed.
+    assert "image_size" not in base.identity()["data"]
+    assert "image_size" in small.identity()["data"]

@@ -94,7 +94,7 @@ def test_wrn_skipinit_has_zero_scalars_and_no_norms():
     model = _build("wrn", "skipinit")
     blocks = [m for m in model.modules() if isinstance(m, WideBlock)]
     assert len(blocks) == 3  # depth 10 = 6 * 1 + 4: one block per group
-    assert all(b.alpha is not None and b.alpha.item() == 0.0 for b in blocks)
+    assert all(b.alpha is not None and b.alpha.weight.item() == 0.0 for b in blocks)
     assert _norm_types(model) == set()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.bias is not None for c in convs)

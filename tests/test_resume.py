@@ -22,8 +22,10 @@ from sgdnoise.config import from_dict, with_values
 from helpers import SMALL, cli, tracking_uri, write_project
 
 ARGS = [
-    "-P", "train.batch_size=16", "-P", "train.budget.value=1200", "-P", "train.eval_points=6",
-    "-P", "train.checkpoint_every.unit=steps", "-P", "train.checkpoint_every.value=100",
+    # Long enough that three kills, each at most one checkpoint interval plus 0.2 s after a
+    # new checkpoint, land before the end on a fast machine too (~0.3 ms per step).
+    "-P", "train.batch_size=16", "-P", "train.budget.value=6000", "-P", "train.eval_points=6",
+    "-P", "train.checkpoint_every.unit=steps", "-P", "train.checkpoint_every.value=500",
     "-P", "train.micro_batch_size=8",
 ]  # fmt: skip
 
@@ -66,7 +68,7 @@ def test_kill_9_three_times_then_resume_equals_uninterrupted(project: Path) -> N
     for _ in range(3):
         proc = _start(project)
         _wait_for_new_checkpoint(project, proc, last)
-        time.sleep(rng.uniform(0.0, 0.5))  # somewhere between two checkpoints
+        time.sleep(rng.uniform(0.0, 0.2))  # somewhere between two checkpoints
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         last = _ckpt_steps(project)[-1]

@@ -245,7 +245,7 @@ def test_kill9_worker_mid_run_then_restart_runs_every_point_once(tmp_path: Path)
         "fixed": {"train.budget.value": 2500},  # a few seconds per run: time to kill one
         "edges": {"extend": False},
     }
-    root = make_project(tmp_path, {"slow": study})
+    root = make_project(tmp_path, {"slow": study}, train={"pack": 1})  # one run at a time
     proc = start(root, "sweep", "slow")
     victim = wait_for(lambda: running_child(root), 120, "a run to start", proc)
     workers = wait_for(lambda: list((root / "optuna").glob(".slow-*.workers/*")), 10, "a worker")
@@ -262,6 +262,49 @@ def test_kill9_worker_mid_run_then_restart_runs_every_point_once(tmp_path: Path)
     killed = [r for r in children if r["status"] == "KILLED"]
     assert [r["run_id"] for r in killed] == [victim["run_id"]]
     assert killed[0]["tags"]["sgdnoise.trial_number"] == str(failed[0].number)
+
+
+def test_kill9_of_a_worker_training_a_pack_then_restart_runs_every_point_once(
+    tmp_path: Path,
+) -> None:
+    """A pack is claimed atomically and released as a whole when its worker dies; a member
+    that diverged before the kill stays done."""
+    study = {
+        "grid": {"train.lr_eff": [0.25, 0.5, 1024.0], "train.seed": [0]},
+        "fixed": {"train.budget.value": 2500},
+        "edges": {"extend": False},
+    }
+    root = make_project(tmp_path, {"packed": study}, train={"pack": 3})
+    proc = start(root, "sweep", "packed")
+
+    def diverged_member() -> bool:  # the pack is mid-run: one member done, two RUNNING
+        if running_child(root) is None:  # also: no store yet
+            return False
+        runs = [r for r in mlflow_runs(root) if r["tags"].get("sgdnoise.kind") == "run"]
+        return sorted(r["status"] for r in runs) == ["FINISHED", "RUNNING", "RUNNING"]
+
+    wait_for(diverged_member, 120, "a member to diverge", proc)
+    workers = wait_for(lambda: list((root / "optuna").glob(".packed-*.workers/*")), 10, "a worker")
+    claimed = workers[0].read_text().split()
+    assert len(claimed) == 3  # the worker's liveness file names the whole pack
+    victims = {
+        r["run_id"] for r in mlflow_runs(root)
+        if r["status"] == "RUNNING" and r["tags"].get("sgdnoise.kind") == "run"
+    }  # fmt: skip
+    os.kill(pid_of(workers[0].name), signal.SIGKILL)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert "pack of 3" in out
+
+    out = ok(cli(root, "sweep", "packed"))
+    assert out.count("is dead; point queued again") == 2 and "pack of 2" in out, out
+    trials, children = check_exactly_once(root, "packed")
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 2 and len(trials) == 5
+    assert {r["run_id"] for r in children if r["status"] == "KILLED"} == victims
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.user_attrs["status"] for t in done) == ["diverged", "finished", "finished"]
+    assert all(r["params"]["derived.pack"] in ("2", "3") for r in children)
 
 
 # ---- PostgreSQL: two workers, one killed; heartbeat recovery; credentials stay hidden ----
@@ -281,15 +324,18 @@ def test_postgres_two_workers_exactly_once_with_heartbeat_recovery(tmp_path: Pat
         proc = start(root, "sweep", "pg", "--workers", "2", "--storage", url)
 
         def victim() -> dict[str, Any] | None:
-            child = running_child(root)  # a worker is inside train(), its run is RUNNING
-            if child is None:
+            # The three points are one group: the first worker packs two of them (leaving the
+            # other worker its share), the second trains the third. The victim is the pack's
+            # worker, once its runs are RUNNING (inside training).
+            if running_child(root) is None:
                 return None
-            trials = optuna_trials(root, name, url)
-            for t in trials:
-                if t.state.name == "RUNNING" and str(t.number) == child["tags"].get(
-                    "sgdnoise.trial_number"
-                ):
-                    return {"trial": t.number, "worker": t.user_attrs["worker"]}
+            held: dict[str, list[int]] = {}
+            for t in optuna_trials(root, name, url):
+                if t.state.name == "RUNNING":
+                    held.setdefault(t.user_attrs["worker"], []).append(t.number)
+            for worker, numbers in held.items():
+                if len(numbers) == 2:
+                    return {"trials": sorted(numbers), "worker": worker}
             return None
 
         run = wait_for(victim, 120, "a running trial", proc)
@@ -299,8 +345,11 @@ def test_postgres_two_workers_exactly_once_with_heartbeat_recovery(tmp_path: Pat
         assert proc.returncode == 0, out
         assert "killed by signal 9" in out and "is dead; point queued again" in out
         trials, children = check_exactly_once(root, "pg", storage=url)
-        assert [t.number for t in trials if t.state.name == "FAIL"] == [run["trial"]]
-        assert [r["status"] for r in children].count("KILLED") == 1
+        # The dead worker's whole pack was failed and run again: the heartbeat covered each
+        # of its trials.
+        failed = [t for t in trials if t.state.name == "FAIL"]
+        assert sorted(t.number for t in failed) == run["trials"]
+        assert [r["status"] for r in children].count("KILLED") == 2
         assert len({t.user_attrs["worker"] for t in trials}) == 2
         text = out + ok(cli(root, "status", "pg", "--storage", url))
 

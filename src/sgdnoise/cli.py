@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
     p.add_argument("--summary", metavar="FILE", help="write the finished sweep's counts as JSON")
+    p.add_argument(
+        "--pack", type=int, default=None, metavar="K",
+        help="train up to K grid points of a group as one vmapped model (= -P train.pack=K; "
+        "1: off; default: by device and B)",
+    )  # fmt: skip
 
     p = sub.add_parser("nqm", help="one noisy-quadratic-model configuration (exact, in seconds)")
     _common(p)
@@ -158,7 +163,8 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.workers < 1:
         raise ConfigError("--workers", f"{args.workers} is not >= 1", "an integer >= 1")
-    raw = raw_params(args.params, [*args.overrides, *extra])
+    pack = [f"train.pack={args.pack}"] if args.pack is not None else []
+    raw = raw_params(args.params, [*args.overrides, *extra, *pack])
     code = run_sweep(raw, args.study, workers=args.workers, storage=args.storage)
     if code == 0 and args.summary:
         _write_sweep_summary(raw, args, args.summary)

@@ -42,10 +42,11 @@ def spec(
     check: Callable[[Any], bool] | None = None,
     allowed: str | None = None,
     nullable: bool = False,
-    identity: bool = True,
+    identity: bool | str = True,
 ) -> Any:
     """A config field. `identity=False` keys do not change what is trained (paths, devices,
-    micro-batching, tracking), so they stay out of the run key."""
+    micro-batching, tracking), so they stay out of the run key; `identity="when_set"` keys
+    count only when not null (keys added later that must not change existing run keys)."""
     choices = tuple(choices) if choices is not None else None
     if allowed is None:
         allowed = " | ".join(choices) if choices else _KIND_NAMES[kind]
@@ -79,6 +80,14 @@ class DataConfig:
     num_samples: int = spec(10000, int, check=lambda v: v >= 20, allowed="an integer >= 20")
     train_split: float = spec(0.8, float, check=lambda v: 0 < v < 1, allowed="a number in (0, 1)")
     seed: int = spec(42, int, check=lambda v: v >= 0, allowed="an integer >= 0")
+    # Side of the square images stored for ImageFolder datasets (imagenet): the shorter side
+    # is resized to image_size / 0.875, then the centre image_size x image_size is kept.
+    # null: 224 there; other datasets ignore it. Part of a run's identity only when set, so
+    # adding the key left every other dataset's run keys as they were.
+    image_size: int | None = spec(
+        None, int, nullable=True, check=lambda v: v >= 8, allowed="an integer >= 8 or null",
+        identity="when_set",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,13 @@ class TrainConfig:
     checkpoint_every: CheckpointEvery = field(default_factory=CheckpointEvery)
     precision: str = spec("fp32", str, choices=("fp32", "bf16"))
     device: str = spec("auto", str, choices=("auto", "cpu", "cuda"), identity=False)
+    # A sweep trains up to this many grid points of one group (same model, B and budget;
+    # other lr_eff or seed) as one vmapped model; null: a default for the device and B
+    # (sgdnoise.pack.default_pack_size); 1: no packing.
+    pack: int | None = spec(
+        None, int, nullable=True, check=_positive,
+        allowed="an integer >= 1 or null (= by device and B)", identity=False,
+    )  # fmt: skip
     # Intra-op threads per process; null divides the machine's cores among local processes.
     threads: int | None = spec(
         None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null",
@@ -231,9 +247,15 @@ def _identity_dict(obj: Any) -> dict[str, Any]:
         v = getattr(obj, f.name)
         if is_dataclass(v):
             out[f.name] = _identity_dict(v)
-        elif f.metadata.get("identity", True):
+        elif counts_for_identity(f, v):
             out[f.name] = v
     return out
+
+
+def counts_for_identity(f: Any, value: Any) -> bool:
+    """Whether config field `f` holding `value` changes what is trained (see `spec`)."""
+    rule = f.metadata.get("identity", True)
+    return rule is True or (rule == "when_set" and value is not None)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -132,13 +132,14 @@ def _threads(cfg: Config, local_processes: int) -> int:
 class _Evaluator:
     """Full-dataset loss/accuracy in eval mode, sharded over processes and summed."""
 
-    def __init__(self, model, task: str, batch: int, acc, autocast):
+    def __init__(self, model, task: str, batch: int, acc=None, autocast=contextlib.nullcontext):
+        """`acc` None: one process (a packed run's member evaluated on its own)."""
         self.model, self.task, self.batch = model, task, batch
         self.acc, self.autocast = acc, autocast
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        p, n_proc = self.acc.process_index, self.acc.num_processes
+        p, n_proc = (self.acc.process_index, self.acc.num_processes) if self.acc else (0, 1)
         lo, hi = p * len(x) // n_proc, (p + 1) * len(x) // n_proc
         was_training = self.model.training
         self.model.eval()
@@ -461,10 +462,7 @@ def _loop(
     def record(step: int) -> float:
         tr_loss, tr_acc = evaluate(X, Y)
         te_loss, te_acc = evaluate(data.test_x, data.test_y)
-        row = {"train_loss": tr_loss, "test_loss": te_loss, "lr": lrs[min(step, total - 1)]}
-        if not reconstruction:
-            row["test_accuracy"] = te_acc
-            row["train_accuracy"] = tr_acc
+        row = eval_row(tr_loss, tr_acc, te_loss, te_acc, lrs[min(step, total - 1)], task)
         if noise is not None and (b_simple := noise.estimate()) is not None:
             row["grad_noise_scale"] = b_simple
         history.append({"step": step, **row})
@@ -535,6 +533,26 @@ def _loop(
     elif history[-1]["step"] != stopped_at:
         record(stopped_at)
 
+    metrics = final_metrics(history, status, stopped_at, order, t_cfg.batch_size, train_time)
+    return RunResult(None, cfg.run_key, status, metrics, state_sha256(net), history)
+
+
+def eval_row(
+    tr_loss: float, tr_acc: float, te_loss: float, te_acc: float, lr: float, task: str
+) -> dict[str, float]:
+    """One evaluation's metrics (accuracies only for classifiers)."""
+    row = {"train_loss": tr_loss, "test_loss": te_loss, "lr": lr}
+    if task != "reconstruction":
+        row["test_accuracy"] = te_acc
+        row["train_accuracy"] = tr_acc
+    return row
+
+
+def final_metrics(
+    history: list[dict[str, float]], status: str, stopped_at: int, order: BatchOrder,
+    batch_size: int, train_time: float,
+) -> dict[str, float]:  # fmt: skip
+    """A run's summary metrics from its last evaluation."""
     last = history[-1]
     metrics = {
         "final_train_loss": last["train_loss"],
@@ -542,13 +560,12 @@ def _loop(
         "diverged": float(status == "diverged"),
         "steps": float(stopped_at),
         "epochs": order.epochs(stopped_at),
-        "examples_per_second": stopped_at * t_cfg.batch_size / max(train_time, 1e-9),
+        "examples_per_second": stopped_at * batch_size / max(train_time, 1e-9),
     }
-    if noise is not None:
-        measured = [h["grad_noise_scale"] for h in history if "grad_noise_scale" in h]
-        if measured:
-            metrics["grad_noise_scale"] = measured[-1]
-    if not reconstruction:
+    measured = [h["grad_noise_scale"] for h in history if "grad_noise_scale" in h]
+    if measured:
+        metrics["grad_noise_scale"] = measured[-1]
+    if "test_accuracy" in last:
         metrics["final_test_accuracy"] = last["test_accuracy"]
         metrics["final_train_accuracy"] = last["train_accuracy"]
-    return RunResult(None, cfg.run_key, status, metrics, state_sha256(net), history)
+    return metrics

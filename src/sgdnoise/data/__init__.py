@@ -9,6 +9,8 @@ DATASETS: dict[str, str] = {
     "cifar10": "image",
     "mnist": "image",
     "fashion_mnist": "image",
+    # A local copy in torchvision's ImageFolder layout, prepared to memory-mapped .npy files.
+    "imagenet": "image",
     "synthetic": "vector",
     # The noisy quadratic model (Zhang et al. 2019): no examples, its exact expected loss.
     "nqm": "nqm",

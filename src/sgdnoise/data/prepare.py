@@ -1,4 +1,5 @@
-"""Write a dataset once to `<root>/data/prepared/<name>/`: tensors.pt + meta.json.
+"""Write a dataset once to `<root>/data/prepared/<name>/`: tensors.pt + meta.json, or for
+datasets too large for memory (imagenet, see imagefolder) uint8 .npy files + meta.json.
 
 The folder appears atomically (built in a hidden sibling, then renamed into place), so a
 reader never sees a half-written dataset, and an up-to-date folder is left untouched, so
@@ -13,13 +14,14 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sgdnoise.config import DataConfig
+from sgdnoise.data.memmap import LAYOUT, npy_problem
 from sgdnoise.data.sources import Source, identity, load_source
 from sgdnoise.paths import prepared_dir
 
@@ -47,11 +49,14 @@ def is_current(path: Path, cfg: DataConfig) -> bool:
     """Whether `path` holds the data `cfg` asks for, intact.
 
     The cheap test (meta.source) runs first; the checksum then guards against a
-    tensors.pt that was truncated or replaced after meta.json was written.
+    tensors.pt that was truncated or replaced after meta.json was written. The .npy layout
+    is checked by size and shape only: its sha256 was computed once, when it was written.
     """
     meta = read_meta(path)
     if meta is None or meta.get("source") != identity(cfg):
         return False
+    if meta.get("layout") == LAYOUT:
+        return npy_problem(path, meta) is None
     tensors = path / TENSORS
     return tensors.is_file() and sha256_file(tensors) == meta.get("checksum")
 
@@ -66,7 +71,7 @@ def prepare(cfg: DataConfig, root: Path | None = None) -> Path:
     if is_current(out, cfg):
         return out
     # Load before creating anything: a missing-files error must leave no trace behind.
-    source = load_source(cfg, root)
+    write = _writer(cfg, root)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out.parent):
         # Another process (a sweep worker) may have finished it while we were loading.
@@ -74,11 +79,23 @@ def prepare(cfg: DataConfig, root: Path | None = None) -> Path:
             return out
         tmp = _fresh_sibling(out, "tmp")
         try:
-            _write(tmp, source, cfg)
+            write(tmp)
             _replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _writer(cfg: DataConfig, root: Path | None) -> Callable[[Path], None]:
+    """What fills the new folder. Reads (or for an ImageFolder, lists) the source first, so
+    missing files raise ConfigError before anything is created."""
+    from sgdnoise.data import imagefolder  # imports this module: imported here, not above
+
+    if cfg.name in imagefolder.FOLDERS:
+        found = imagefolder.scan(cfg, root)
+        return lambda folder: imagefolder.write(folder, found, cfg)
+    source = load_source(cfg, root)
+    return lambda folder: _write(folder, source, cfg)
 
 
 def _write(folder: Path, source: Source, cfg: DataConfig) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sgdnoise.config import ConfigError, DataConfig
+from sgdnoise.config import ConfigError, DataConfig, counts_for_identity
 from sgdnoise.paths import resolve_under_root
 
 
@@ -48,7 +48,11 @@ def normalization(
 
 def identity(cfg: DataConfig) -> dict[str, Any]:
     """The keys of the data config that change the data (see config.spec identity flag)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("identity", True)}
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in fields(cfg)
+        if counts_for_identity(f, getattr(cfg, f.name))
+    }
 
 
 def load_source(cfg: DataConfig, root: Path | None = None) -> Source:
@@ -209,13 +213,20 @@ def _open(name: str, root: Path, train: bool, download: bool) -> Any:
 def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean/std (in [0, 1] units) of a uint8 (N, C, H, W) tensor, from
     256-bin histograms: no float copy of the whole set, and order-independent sums."""
+    counts = [torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])]
+    return channel_stats_from_counts(torch.stack(counts))
+
+
+def channel_stats_from_counts(counts: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (in [0, 1] units) from (C, 256) uint8-value histograms, which a
+    streaming writer can sum chunk by chunk (see imagefolder)."""
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
-    for c in range(x.shape[1]):
-        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        n = counts.sum()
-        mean = (counts * values).sum() / n
-        var = (counts * (values - mean) ** 2).sum() / n
+    for c in range(counts.shape[0]):
+        counts_c = counts[c].double()
+        n = counts_c.sum()
+        mean = (counts_c * values).sum() / n
+        var = (counts_c * (values - mean) ** 2).sum() / n
         means.append(float(mean))
         stds.append(float(var.sqrt()))
     return means, stds

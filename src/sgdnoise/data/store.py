@@ -1,6 +1,8 @@
 """Prepared datasets held in memory, on the training device, as plain tensors.
 
 Batches are then gathered by index on the device (no DataLoader, no per-sample Python).
+Datasets too large for memory (the .npy layout, see imagefolder) keep their images on disk
+behind `MemmapImages`, which the training loop indexes the same way.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sgdnoise.config import ConfigError, DataConfig
+from sgdnoise.data.memmap import LAYOUT, MemmapImages, npy_problem
 from sgdnoise.data.prepare import META, TENSORS, locked, prepare
 from sgdnoise.data.sources import identity
 
 
 @dataclass
 class InMemoryData:
-    train_x: torch.Tensor
+    # Inputs are a MemmapImages for the .npy layout: the labels are always in memory.
+    train_x: torch.Tensor | MemmapImages
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | MemmapImages
     test_y: torch.Tensor
     meta: dict[str, Any]
 
@@ -57,13 +62,20 @@ def load_prepared(path: Path, device: torch.device | str = "cpu") -> InMemoryDat
 
     The file is read once and its sha256 checked against meta.json before unpickling.
     Raw (uint8) images move to the device first and are normalised there: a quarter of
-    the transfer, and the float copy is made by the accelerator.
+    the transfer, and the float copy is made by the accelerator. The .npy layout is opened
+    as memory maps after a check of file sizes and shapes (see memmap.npy_problem).
     """
     path = Path(path)
     try:
         with locked(path.parent, shared=True):
             meta = json.loads((path / META).read_text())
+            if meta.get("layout") == LAYOUT:
+                # Opened under the lock: the maps keep these files even if a later prepare
+                # replaces the folder.
+                return _open_npy(path, meta, torch.device(device))
             blob = (path / TENSORS).read_bytes()
+    except ConfigError:
+        raise
     except (OSError, ValueError) as e:
         raise ConfigError(
             "data.name", f"no readable prepared data at {path} ({type(e).__name__})",
@@ -79,6 +91,21 @@ def load_prepared(path: Path, device: torch.device | str = "cpu") -> InMemoryDat
     norm = meta.get("normalization")
     xs = [_inputs(t[k].to(device), norm) for k in ("train_x", "test_x")]
     ys = [t[k].to(device=device, dtype=torch.int64) for k in ("train_y", "test_y")]
+    return InMemoryData(xs[0], ys[0], xs[1], ys[1], meta)
+
+
+def _open_npy(path: Path, meta: dict[str, Any], device: torch.device) -> InMemoryData:
+    problem = npy_problem(path, meta)
+    if problem is not None:
+        raise ConfigError(
+            "data.name", problem, "an intact prepared folder (delete it and prepare again)"
+        )
+    norm = meta.get("normalization")
+    xs = [MemmapImages(path / f"{k}.npy", norm, device) for k in ("train_x", "test_x")]
+    ys = [
+        torch.from_numpy(np.load(path / f"{k}.npy")).to(device=device, dtype=torch.int64)
+        for k in ("train_y", "test_y")
+    ]
     return InMemoryData(xs[0], ys[0], xs[1], ys[1], meta)
 
 

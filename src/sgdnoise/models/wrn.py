@@ -10,6 +10,17 @@ from torch import nn
 from sgdnoise.models.norm import make_norm
 
 
+class SkipGain(nn.Module):
+    """SkipInit's learnable scalar on a residual branch, initialised to 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 def _conv3x3(c_in: int, c_out: int, stride: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
@@ -32,14 +43,14 @@ class WideBlock(nn.Module):
         self.shortcut: nn.Module | None = None
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=skipinit)
-        self.alpha: nn.Parameter | None = nn.Parameter(torch.zeros(())) if skipinit else None
+        self.alpha = SkipGain() if skipinit else None
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu(self.norm1(x))
         branch = self.conv2(self.relu(self.norm2(self.conv1(pre))))
         if self.alpha is not None:
-            branch = branch * self.alpha
+            branch = self.alpha(branch)
         skip = x if self.shortcut is None else self.shortcut(pre)
         return skip + branch
 

@@ -37,15 +37,25 @@ if TYPE_CHECKING:
     from sgdnoise.sweep.storage import PostgresSweepStorage
 
 
+# A worker's file names the trials it holds, one id per line (a pack holds up to a few
+# dozen); read in one go.
+READ_BYTES = 4096
+
+
+def _ids(text: str) -> list[int]:
+    return [int(w) for w in text.split() if w.isdigit()]
+
+
 class Liveness:
     def start(self) -> None:
         """Register this worker (before its first claim)."""
 
-    def before_claim(self, trial_id: int) -> None:
-        """Called under the study lock just before trying to claim `trial_id`."""
+    def before_claim(self, trial_id: int, *, add: bool = False) -> None:
+        """Called under the study lock just before trying to claim `trial_id`; `add` keeps
+        the trials claimed before it (a pack) as this worker's too."""
 
-    def running(self, trial_id: int) -> contextlib.AbstractContextManager[None]:
-        """Held while the trial trains."""
+    def running(self, trial_ids: list[int]) -> contextlib.AbstractContextManager[None]:
+        """Held while the trials train."""
         return contextlib.nullcontext()
 
     def reap(self, study: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -60,6 +70,7 @@ class FileLiveness(Liveness):
     def __init__(self, folder: Path, worker_id: str):
         self.folder, self.worker_id = folder, worker_id
         self.fd: int | None = None
+        self.claimed: list[int] = []
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -67,9 +78,10 @@ class FileLiveness(Liveness):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
         self.fd = fd
 
-    def before_claim(self, trial_id: int) -> None:
+    def before_claim(self, trial_id: int, *, add: bool = False) -> None:
         assert self.fd is not None, "start() first"
-        data = f"{trial_id}\n".encode()
+        self.claimed = [*self.claimed, trial_id] if add else [trial_id]
+        data = "".join(f"{t}\n" for t in self.claimed).encode()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
@@ -78,23 +90,21 @@ class FileLiveness(Liveness):
         claims: dict[int, str] = {}
         for path in sorted(self.folder.glob("*")):
             if path.name == self.worker_id:
-                text = os.pread(self.fd, 64, 0).decode() if self.fd is not None else ""
-                if text.strip().isdigit():
-                    claims[int(text)] = self.worker_id
+                text = os.pread(self.fd, READ_BYTES, 0).decode() if self.fd is not None else ""
+                claims.update(dict.fromkeys(_ids(text), self.worker_id))
                 continue
             try:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
                 continue  # reaped by someone else just now
             try:
-                text = os.pread(fd, 64, 0).decode()
+                text = os.pread(fd, READ_BYTES, 0).decode()
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
-                    if text.strip().isdigit():  # held: the worker lives
-                        claims[int(text)] = path.name
+                    claims.update(dict.fromkeys(_ids(text), path.name))  # held: it lives
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()  # we hold its lock: the worker is gone
@@ -127,22 +137,23 @@ class HeartbeatLiveness(Liveness):
     def __init__(self, store: PostgresSweepStorage, worker_id: str):
         self.store, self.worker_id = store, worker_id
 
-    def before_claim(self, trial_id: int) -> None:
+    def before_claim(self, trial_id: int, *, add: bool = False) -> None:
         self.store.optuna().record_heartbeat(trial_id)
 
     @contextlib.contextmanager
-    def running(self, trial_id: int) -> Iterator[None]:
+    def running(self, trial_ids: list[int]) -> Iterator[None]:
         storage = self.store.optuna()
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(self.store.heartbeat.interval):
-                try:
-                    storage.record_heartbeat(trial_id)
-                except Exception:  # a blip; the next beat retries, the grace period covers it
-                    pass
+                for trial_id in trial_ids:  # a finished member's beat is harmless
+                    try:
+                        storage.record_heartbeat(trial_id)
+                    except Exception:  # a blip; the next beat retries, grace covers it
+                        pass
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial_ids[0]}", daemon=True)
         thread.start()
         try:
             yield

@@ -35,7 +35,7 @@ from sgdnoise.sweep.state import GridState
 from sgdnoise.sweep.status import Progress, tty_log
 from sgdnoise.sweep.storage import open_storage
 from sgdnoise.sweep.study import finalize, finished_already, load_study, setup, summary_line
-from sgdnoise.sweep.worker import SweepContext, Worker, local_runner
+from sgdnoise.sweep.worker import SweepContext, Worker, local_pack_runner, local_runner
 
 EXIT_INCOMPLETE = 1
 EXIT_TRACKING = 3  # as `sgdnoise train`: the tracking store could not be reached
@@ -73,11 +73,12 @@ def run_sweep(
     )
     try:
         ctx = setup(spec, store, root, uri, log, threads)
+        ctx.workers = workers
     except tracking.TrackingUnavailable as e:
         print(f"error: tracking: {e}", file=sys.stderr)
         return EXIT_TRACKING
     _tag_invocation(ctx)
-    _prewarm(root)
+    _prewarm(root, cfg0)
     # No pooled database connection may cross the fork.
     tracking.release_connections(uri)
     store.release()
@@ -114,8 +115,9 @@ def _tag_invocation(ctx: SweepContext) -> None:
         pass
 
 
-def _prewarm(root: Path) -> None:
-    """Import what a run needs once, here, so forked workers inherit it."""
+def _prewarm(root: Path, cfg: Config) -> None:
+    """Import what a run needs once, here, so forked workers inherit it; prepare the data
+    once, so workers neither race to prepare it nor size packs without its shape."""
     import accelerate  # noqa: F401
     import torch  # noqa: F401
 
@@ -125,6 +127,8 @@ def _prewarm(root: Path) -> None:
 
     tracking.git_commit(root)
     tracking.package_versions()
+    if cfg.data.name != "nqm":
+        sgdnoise.data.store.ensure_prepared(cfg.data, root)
 
 
 def _run_workers(ctx: SweepContext, n: int, log) -> list[int | None]:
@@ -184,7 +188,10 @@ def _worker_main(ctx: SweepContext, index: int) -> None:
     torch.set_num_threads(threads)
     log = tty_log()
     prefix = f"[worker {index}] "
-    worker = Worker(ctx, local_runner(ctx), log=lambda line: log(prefix + line))
+    worker = Worker(
+        ctx, local_runner(ctx), log=lambda line: log(prefix + line),
+        pack_runner=local_pack_runner(ctx),
+    )  # fmt: skip
     from sgdnoise.train import EXIT_PREEMPTED, Preempted
 
     try:

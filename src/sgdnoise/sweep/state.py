@@ -4,7 +4,8 @@ Every trial the sweep creates carries user attributes:
   run_key, point (JSON of the grid values), origin (grid | edge), run_name,
   worker (who claimed it), mlflow_run_id, status (finished | diverged | skipped),
   metrics (final_* values; null for non-finite), adopted (took over a finished run),
-  skip_reason, error (a failed attempt's message).
+  skip_reason, error (a failed attempt's message), pack (the first trial number of the
+  pack it trained in, when packed).
 A point is *live* while one of its trials is WAITING, RUNNING, COMPLETE or PRUNED (a
 skipped point); the sweep keeps at most one live trial per point at any time.
 """

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sgdnoise import tracking
 from sgdnoise.config import ConfigError
 from sgdnoise.sweep import edges
-from sgdnoise.sweep.spec import StudySpec
+from sgdnoise.sweep.spec import Point, StudySpec
 from sgdnoise.sweep.state import GridState
 from sgdnoise.sweep.storage import SweepStorage
 from sgdnoise.sweep.study import enqueue, load_study
@@ -65,6 +65,7 @@ class SweepContext:
     tracking_uri: str
     parent_run_id: str
     threads: int | None = None
+    workers: int = 1  # local worker processes sharing this sweep (packs leave them a share)
 
 
 @dataclass
@@ -80,6 +81,10 @@ class Tally:
 
 # (grid values, extra MLflow tags) -> the train() result
 Runner = Callable[[dict[str, Any], dict[str, str]], Any]
+# (grid values per member, tags per member, on_done(i, result)) -> results: a pack
+PackRunner = Callable[
+    [list[dict[str, Any]], list[dict[str, str]], Callable[[int, Any], None]], list[Any]
+]
 
 
 def new_worker_id() -> str:
@@ -94,6 +99,19 @@ def local_runner(ctx: SweepContext) -> Runner:
 
         cfg = ctx.spec.config(values, threads=ctx.threads)
         return train(cfg, root=ctx.root, parent_run_id=ctx.parent_run_id, extra_tags=tags)
+
+    return run
+
+
+def local_pack_runner(ctx: SweepContext) -> PackRunner:
+    """Train a pack in this process (sgdnoise.pack: one vmapped model, a run per member)."""
+
+    def run(values: list[dict[str, Any]], tags: list[dict[str, str]], on_done) -> list[Any]:
+        from sgdnoise.pack import train_pack
+
+        cfgs = [ctx.spec.config(v, threads=ctx.threads) for v in values]
+        return train_pack(cfgs, root=ctx.root, parent_run_id=ctx.parent_run_id,
+                          extra_tags=tags, on_done=on_done)  # fmt: skip
 
     return run
 
@@ -114,9 +132,13 @@ class Worker:
         worker_id: str | None = None,
         log: Callable[[str], None] | None = None,
         poll_seconds: float = POLL_SECONDS,
+        pack_runner: PackRunner | None = None,
     ):
+        """Without `pack_runner` every trial trains on its own (train.pack is ignored)."""
         self.ctx, self.spec, self.store = ctx, ctx.spec, ctx.store
         self.runner, self.log, self.poll = runner, log or stderr_log(""), poll_seconds
+        self.pack_runner = pack_runner
+        self._pack_sizes: dict[str, int] = {}
         self.worker_id = worker_id or new_worker_id()
         self.tally = Tally()
         self.study: Any = None
@@ -135,7 +157,7 @@ class Worker:
                 if step == WAIT:
                     time.sleep(self.poll)
                 elif step != AGAIN:
-                    group = self._execute(step)
+                    group = self._execute(step) if len(step) == 1 else self._execute_pack(step)
                     if group is not None:
                         self._extend(group)
         finally:
@@ -145,7 +167,7 @@ class Worker:
     def _state(self) -> GridState:
         return GridState(self.spec, self.study.get_trials(deepcopy=False))
 
-    def _next(self) -> FrozenTrial | str:
+    def _next(self) -> list[FrozenTrial] | str:
         storage = self.study._storage
         with self.store.lock(self.spec.optuna_name):
             state = self._state()
@@ -161,27 +183,71 @@ class Worker:
                 decision = state.skip_decision(t)
                 if decision == edges.BLOCKED:
                     continue  # waits for a smaller learning rate to finish
-                self.live.before_claim(t._trial_id)
-                try:
-                    claimed = storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
-                except UpdateFinishedTrialError:
-                    claimed = False
-                if not claimed:
+                if not self._claim(t):
                     continue
-                storage.set_trial_user_attr(t._trial_id, "worker", self.worker_id)
                 if decision == edges.SKIP:
                     self._skip(t)
                     return AGAIN
-                return storage.get_trial(t._trial_id)
+                pack = [t] + self._pack_mates(state, t)
+                return [storage.get_trial(x._trial_id) for x in pack]
             if state.waiting() or state.running():
                 return WAIT
             if self._extend_locked(state, None):
                 return AGAIN
             return DONE
 
+    def _claim(self, t: FrozenTrial, add: bool = False) -> bool:
+        """WAITING -> RUNNING, atomically; under the study lock."""
+        self.live.before_claim(t._trial_id, add=add)
+        try:
+            claimed = self.study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        except UpdateFinishedTrialError:
+            claimed = False
+        if claimed:
+            self.study._storage.set_trial_user_attr(t._trial_id, "worker", self.worker_id)
+        return bool(claimed)
+
+    def _pack_mates(self, state: GridState, first: FrozenTrial) -> list[FrozenTrial]:
+        """Claim up to pack size - 1 more waiting trials that can train with `first`: the
+        same group (every grid key but lr and seed equal, so the same model, B and budget).
+        Under the study lock."""
+        if self.pack_runner is None:
+            return []
+        from sgdnoise.pack import pack_key, pack_size
+
+        cfg = self.spec.config(json.loads(first.user_attrs["point"]))
+        key = pack_key(cfg)
+        if key not in self._pack_sizes:
+            self._pack_sizes[key] = pack_size(cfg, self.ctx.root)
+        size = self._pack_sizes[key]
+        if size == 1:
+            return []
+        # Only points free to run now: a pack never runs a point the edge rules would skip,
+        # so packing changes when points train, never which.
+        free = [
+            t for t in state.waiting()
+            if t._trial_id != first._trial_id and state.skip_decision(t) == edges.RUN
+        ]  # fmt: skip
+        group = _group(first)
+        mates = [t for t in free if _group(t) == group]
+        if len(free) - len(mates) < self.ctx.workers - 1:
+            # No other group for every other worker: leave them their share of this one.
+            size = min(size, -(-(len(mates) + 1) // self.ctx.workers))
+        pack = [first]
+        for t in mates:
+            if len(pack) >= size:
+                break
+            if self._claim(t, add=True):
+                pack.append(t)
+        if len(pack) > 1:  # which trials trained together (benchmarks, status, provenance)
+            for t in pack:
+                self.study._storage.set_trial_user_attr(t._trial_id, "pack", first.number)
+        return pack[1:]
+
     # ---- one trial ----
-    def _execute(self, t: FrozenTrial) -> str | None:
+    def _execute(self, trials: list[FrozenTrial]) -> str | None:
         """Train (or adopt) the claimed trial; return its group when it completed."""
+        (t,) = trials
         values = json.loads(t.user_attrs["point"])
         run_key = t.user_attrs["run_key"]
         point = self.spec.point(values)
@@ -189,7 +255,59 @@ class Worker:
         if found is not None and self._adopt(t, found):
             self.log(f"trial {t.number} {point.run_name}: adopted finished run {found[0]}")
             return point.group
-        tags = {
+        t0 = time.monotonic()
+        with self.live.running([t._trial_id]):
+            try:
+                result = self.runner(values, self._tags(t))
+            except BaseException as e:
+                interrupted = _interruption(e)
+                self._fail(t, e, interrupted)
+                if interrupted:
+                    raise  # stop this worker: Ctrl-C or SIGTERM
+                return None
+        return point.group if self._report(t, result, t0) else None
+
+    def _execute_pack(self, trials: list[FrozenTrial]) -> str | None:
+        """Adopt what finished already, train the rest as one pack; each member is reported
+        as soon as it finishes or diverges. Returns the group when all completed."""
+        group = self.spec.point(json.loads(trials[0].user_attrs["point"])).group
+        todo = []
+        for t in trials:
+            found = tracking.finished_child(
+                self.ctx.tracking_uri, self.ctx.parent_run_id, t.user_attrs["run_key"]
+            )
+            if found is not None and self._adopt(t, found):
+                self.log(f"trial {t.number} {t.user_attrs.get('run_name', '')}: adopted "
+                         f"finished run {found[0]}")  # fmt: skip
+            else:
+                todo.append(t)
+        if not todo:
+            return group
+        assert self.pack_runner is not None
+        t0 = time.monotonic()
+        reported: dict[int, bool] = {}
+
+        def on_done(i: int, result: Any) -> None:
+            reported[i] = self._report(todo[i], result, t0)
+
+        numbers = " ".join(str(t.number) for t in todo)
+        self.log(f"pack of {len(todo)}: trials {numbers}")
+        values = [json.loads(t.user_attrs["point"]) for t in todo]
+        with self.live.running([t._trial_id for t in todo]):
+            try:
+                self.pack_runner(values, [self._tags(t) for t in todo], on_done)
+            except BaseException as e:
+                interrupted = _interruption(e)
+                for i, t in enumerate(todo):
+                    if i not in reported:  # members that finished before stay finished
+                        self._fail(t, e, interrupted)
+                if interrupted:
+                    raise
+                return None
+        return group if all(reported.get(i) for i in range(len(todo))) else None
+
+    def _tags(self, t: FrozenTrial) -> dict[str, str]:
+        return {
             T + "study": self.spec.name,
             T + "trial_number": str(t.number),
             T + "optuna_study": self.spec.optuna_name,
@@ -197,16 +315,9 @@ class Worker:
             T + "worker": self.worker_id,
             T + "origin": t.user_attrs.get("origin", "grid"),
         }
-        t0 = time.monotonic()
-        with self.live.running(t._trial_id):
-            try:
-                result = self.runner(values, tags)
-            except BaseException as e:
-                interrupted = _interruption(e)
-                self._fail(t, e, interrupted)
-                if interrupted:
-                    raise  # stop this worker: Ctrl-C or SIGTERM
-                return None
+
+    def _report(self, t: FrozenTrial, result: Any, t0: float) -> bool:
+        """Complete the trial with a run's result; True when it counted."""
         if result.run_id is None:  # a rank other than 0 never reaches here
             raise RuntimeError("train() returned no MLflow run id on the main process")
         done = self._complete(t, result.run_id, result.status, result.metrics)
@@ -214,11 +325,12 @@ class Worker:
             self.tally.trained += 1
             m = self.spec.metric.name
             value = result.metrics.get(m, math.nan)
+            name = self.spec.point(json.loads(t.user_attrs["point"])).run_name
             self.log(
-                f"trial {t.number} {point.run_name}: {result.status}, {m}={value:.4g} "
+                f"trial {t.number} {name}: {result.status}, {m}={value:.4g} "
                 f"({time.monotonic() - t0:.1f} s)"
             )
-        return point.group if done else None
+        return done
 
     def _adopt(self, t: FrozenTrial, found: tuple[str, dict[str, float], str]) -> bool:
         """Take over the FINISHED run a dead (or presumed dead) attempt left behind."""
@@ -352,6 +464,10 @@ def recover(ctx: SweepContext, study: Any, live: Any, state: GridState, log) -> 
             + (f", run {killed[0]} KILLED" if killed else "")
         )
     return len(dead)
+
+
+def _group(t: FrozenTrial) -> str:
+    return Point(json.loads(t.user_attrs["point"]), "", "").group
 
 
 def _interruption(e: BaseException) -> bool:
