@@ -9,7 +9,7 @@ after warm-up steps:
 1. WRN-16-4 training throughput (images/s) at several B: fp32 vs bf16 autocast, and bf16
    with channels_last.
 2. Ghost batch norm (ghost batches of 64) vs plain batch norm, same B, bf16.
-3. Packed vs unpacked at small B: K runs of WRN-16-4 (ghost norm) as one vmapped pack
+3. Packed vs unpacked at small B: K runs of WRN-16-4 (ghost norm) as one pack
    (sgdnoise.pack.StackedModel + StackedSGD) vs K runs one after another: optimizer steps
    per second summed over runs, i.e. runs per minute at a fixed run length.
 """

@@ -1,4 +1,4 @@
-"""Packed training (sgdnoise.pack): K runs as one vmapped model give each run's own result.
+"""Packed training (sgdnoise.pack): K runs as one packed model give each run's own result.
 
 Stated tolerance. A packed member computes the same math as its unpacked run, but batched
 matrix products sum in another order, so its parameters differ by float rounding that
@@ -90,8 +90,15 @@ def assert_same_run(packed: RunResult, single: RunResult, n_test: int) -> None:
             "model.ghost_batch_size": 8,
             "train.micro_batch_size": 16,
         },
+        # Convolutions (K-group conv) and batch norm over (N, C, L).
+        {
+            "train.optimizer": "momentum",
+            "model.name": "cnn1d",
+            "model.width": 8,
+            "model.norm": "batch",
+        },
     ],  # fmt: skip
-    ids=["sgd", "momentum", "sgd-ghost", "momentum-ghost"],
+    ids=["sgd", "momentum", "sgd-ghost", "momentum-ghost", "momentum-cnn1d-batchnorm"],
 )
 def test_packed_members_equal_their_unpacked_runs(tmp_path: Path, values) -> None:
     cfgs = configs(**values)
@@ -245,3 +252,31 @@ def test_gpu_benchmark_script_runs(tmp_path: Path) -> None:
     assert result["throughput_images_per_s"][0]["bf16_channels_last"] > 0
     assert result["ghost_norm_cost"][0]["ghost_over_batch_time"] > 0
     assert result["packing"][0]["K"] == 2 and result["packing"][0]["speedup"] > 0
+
+
+def test_a_layer_without_a_packed_counterpart_is_named_and_not_packed(tmp_path: Path) -> None:
+    from torch import nn
+
+    from sgdnoise.models.packed import NotPackable, pack_model
+
+    class Odd(nn.Module):  # a raw parameter outside any known layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(3))
+
+    model = nn.Sequential(nn.Linear(3, 3), Odd())
+    with pytest.raises(NotPackable, match="Odd"):
+        pack_model(model, [model.state_dict(), model.state_dict()])
+    # Every model this project builds packs (ResNet-50 too, though it is never packed by
+    # default), SkipInit's gains included.
+    from sgdnoise.pack import packable
+
+    for values, shape in (
+        ({"model.name": "cnn1d", "model.norm": "ghost"}, (40,)),
+        ({"data.name": "cifar10", "model.name": "wrn", "model.norm": "skipinit",
+          "model.depth": 10, "model.width": 1}, (3, 8, 8)),
+        ({"model.name": "autoencoder", "model.norm": "batch"}, (40,)),
+        ({"data.name": "cifar10", "model.name": "resnet50", "model.norm": "ghost"}, (3, 32, 32)),
+    ):  # fmt: skip
+        (cfg,) = configs([(0.1, 0)], **values)
+        assert packable(cfg, shape, 10), values

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", metavar="FILE", help="write the finished sweep's counts as JSON")
     p.add_argument(
         "--pack", type=int, default=None, metavar="K",
-        help="train up to K grid points of a group as one vmapped model (= -P train.pack=K; "
+        help="train up to K grid points of a group as one packed model (= -P train.pack=K; "
         "1: off; default: by device and B)",
     )  # fmt: skip
 

@@ -146,7 +146,7 @@ class TrainConfig:
     precision: str = spec("fp32", str, choices=("fp32", "bf16"))
     device: str = spec("auto", str, choices=("auto", "cpu", "cuda"), identity=False)
     # A sweep trains up to this many grid points of one group (same model, B and budget;
-    # other lr_eff or seed) as one vmapped model; null: a default for the device and B
+    # other lr_eff or seed) as one packed model; null: a default for the device and B
     # (sgdnoise.pack.default_pack_size); 1: no packing.
     pack: int | None = spec(
         None, int, nullable=True, check=_positive,

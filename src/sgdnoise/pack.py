@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 from sgdnoise.checkpoint import Checkpointer
 from sgdnoise.config import Config, ConfigError, accumulation_steps
 from sgdnoise.data.order import BatchOrder, derived_seed
+from sgdnoise.models.packed import NotPackable
 from sgdnoise.optim import lr_table, make_optimizer
 from sgdnoise.paths import project_root
 from sgdnoise.train import (
@@ -140,8 +142,22 @@ def pack_size(cfg: Config, root: Path) -> int:
 
     meta = read_meta(ensure_prepared(cfg.data, root))
     assert meta is not None
-    flops = forward_flops(cfg, meta["input_shape"], int(meta["num_classes"]))
-    return default_pack_size(cfg, flops)
+    shape, classes = tuple(meta["input_shape"]), int(meta["num_classes"])
+    size = default_pack_size(cfg, forward_flops(cfg, shape, classes))
+    return size if size == 1 or packable(cfg, shape, classes) else 1
+
+
+def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:
+    """Whether every layer of cfg's model has a packed counterpart."""
+    from sgdnoise.models.build import build_model
+    from sgdnoise.models.packed import pack_model
+
+    model = build_model(cfg.model, tuple(input_shape), num_classes)
+    try:
+        pack_model(model, [model.state_dict()])
+    except NotPackable:
+        return False
+    return True
 
 
 class StackedModel:
@@ -328,11 +344,14 @@ def train_pack(
         if on_done is not None:
             on_done(i, result)
 
-    if len(cfgs) == 1 or cfgs[0].data.name == "nqm":
-        for i, cfg in enumerate(cfgs):
-            r = train(cfg, root=root, parent_run_id=parent_run_id, extra_tags=tags[i],
+    def one_by_one(members: Sequence[int]) -> None:
+        for i in members:
+            r = train(cfgs[i], root=root, parent_run_id=parent_run_id, extra_tags=tags[i],
                       track=track, keep_state=keep_state)  # fmt: skip
             done(i, r)
+
+    if len(cfgs) == 1 or cfgs[0].data.name == "nqm":
+        one_by_one(range(len(cfgs)))
         return results  # type: ignore[return-value]
     # Members resumed from checkpoints must stand at the same step to share a pack.
     resumes = [Checkpointer(c, root, scope=parent_run_id).load_latest() for c in cfgs]
@@ -340,11 +359,15 @@ def train_pack(
     for i, r in enumerate(resumes):
         by_step.setdefault(int(r["step"]) if r is not None else 0, []).append(i)
     for members in by_step.values():
-        _train_group(
-            [cfgs[i] for i in members], [resumes[i] for i in members],
-            [tags[i] for i in members], root, parent_run_id, track, keep_state,
-            lambda j, r, members=members: done(members[j], r),
-        )  # fmt: skip
+        try:
+            _train_group(
+                [cfgs[i] for i in members], [resumes[i] for i in members],
+                [tags[i] for i in members], root, parent_run_id, track, keep_state,
+                lambda j, r, members=members: done(members[j], r),
+            )  # fmt: skip
+        except NotPackable as e:  # raised before any member started: train them singly
+            print(f"cannot pack {cfgs[0].model.name}: {e}; training one by one", file=sys.stderr)
+            one_by_one(members)
     return results  # type: ignore[return-value]
 
 

@@ -104,7 +104,7 @@ def local_runner(ctx: SweepContext) -> Runner:
 
 
 def local_pack_runner(ctx: SweepContext) -> PackRunner:
-    """Train a pack in this process (sgdnoise.pack: one vmapped model, a run per member)."""
+    """Train a pack in this process (sgdnoise.pack: one packed model, a run per member)."""
 
     def run(values: list[dict[str, Any]], tags: list[dict[str, str]], on_done) -> list[Any]:
         from sgdnoise.pack import train_pack
