@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sgdnoise.config import ModelConfig
 from sgdnoise.models.build import build_model
+from sgdnoise.optim import HeavyBall
 from sgdnoise.pack import StackedModel, StackedSGD
 
 SHAPE, CLASSES = (3, 32, 32), 10
@@ -57,7 +58,7 @@ def wrn(norm: str, device: torch.device, channels_last: bool = False) -> torch.n
 
 
 def single_step(model, device, B: int, bf16: bool, channels_last: bool = False):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    opt = HeavyBall(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(B, *SHAPE, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -76,7 +77,7 @@ def single_step(model, device, B: int, bf16: bool, channels_last: bool = False):
 def packed_step(K: int, device, B: int, bf16: bool):
     models = [wrn("ghost", device) for _ in range(K)]
     net = StackedModel(models[0], [m.state_dict() for m in models])
-    opt = StackedSGD(0.9, 5e-4)
+    opt = StackedSGD(net.params, 0.9, 5e-4)
     x = torch.randn(K, B, *SHAPE, device=device)
     y = torch.randint(0, CLASSES, (K * B,), device=device)
     lrs = [0.01 * (k + 1) for k in range(K)]
@@ -86,7 +87,7 @@ def packed_step(K: int, device, B: int, bf16: bool):
             out = net(x)
         ce = F.cross_entropy(out.float().flatten(0, 1), y, reduction="none")
         ce.view(K, -1).mean(1).sum().backward()
-        opt.step(net.params, lrs)
+        opt.step(lrs)
         for p in net.params:
             p.grad = None
 

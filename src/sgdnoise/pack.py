@@ -34,7 +34,7 @@ from sgdnoise.checkpoint import Checkpointer
 from sgdnoise.config import Config, ConfigError, accumulation_steps
 from sgdnoise.data.order import BatchOrder, derived_seed
 from sgdnoise.models.packed import NotPackable
-from sgdnoise.optim import lr_table, make_optimizer
+from sgdnoise.optim import HeavyBall, lr_table, make_optimizer
 from sgdnoise.paths import project_root
 from sgdnoise.train import (
     CHECK_EVERY,
@@ -226,35 +226,28 @@ class StackedModel:
         self.params = self._params()
 
 
-class StackedSGD:
-    """torch.optim.SGD's heavy-ball step (dampening 0, L2 added to the gradient) on stacked
-    parameters with a learning rate per member. The elementwise parts run on the stacked
-    tensors; the update θ ← θ − ε v runs per member with the same foreach kernel and scalar
-    alpha as torch's SGD."""
+class StackedSGD(HeavyBall):
+    """HeavyBall on stacked parameters with a learning rate per member: the elementwise
+    parts run on the stacked tensors, the update θ ← θ − ε v per member with the same
+    foreach kernel and scalar alpha as an unpacked run."""
 
-    def __init__(self, momentum: float, weight_decay: float):
-        self.momentum, self.weight_decay = momentum, weight_decay
-        self.bufs: list[torch.Tensor] | None = None
+    def __init__(self, params: list[torch.Tensor], momentum: float, weight_decay: float):
+        super().__init__(params, 0.0, momentum, weight_decay)
 
     @torch.no_grad()
-    def step(self, params: list[torch.Tensor], lrs: Sequence[float]) -> None:
-        grads = [p.grad for p in params]
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
-        if self.momentum:
-            if self.bufs is None:
-                self.bufs = [g.detach().clone() for g in grads]
-            else:
-                torch._foreach_mul_(self.bufs, self.momentum)
-                torch._foreach_add_(self.bufs, grads)
-            grads = self.bufs
+    def step(self, lrs: Sequence[float]) -> None:  # type: ignore[override]
+        directions = self.directions(self.params)
         for k, lr in enumerate(lrs):
-            torch._foreach_add_([p[k] for p in params], [g[k] for g in grads], alpha=-lr)
+            torch._foreach_add_([p[k] for p in self.params], [d[k] for d in directions],
+                                alpha=-lr)  # fmt: skip
 
-    def select(self, keep: list[int]) -> None:
-        if self.bufs is not None:
-            index = torch.tensor(keep, device=self.bufs[0].device)
-            self.bufs = [b.index_select(0, index) for b in self.bufs]
+    def select(self, keep: list[int], params: list[torch.Tensor]) -> None:
+        """Keep the members at `keep`; `params` are the model's stacked parameters now."""
+        index = torch.tensor(keep, device=params[0].device)
+        self.params = list(params)
+        self.momentum_buffers = [
+            b.index_select(0, index) if b is not None else None for b in self.momentum_buffers
+        ]
 
 
 class _PackedNoise:
@@ -403,10 +396,10 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
         states.append(resume["model"] if resume is not None else model.state_dict())
     assert template is not None
     net = StackedModel(template, [{k: v.to(device) for k, v in s.items()} for s in states])
-    opt = StackedSGD(cfg0.momentum, t_cfg.weight_decay)
+    opt = StackedSGD(net.params, cfg0.momentum, t_cfg.weight_decay)
     opt_template = make_optimizer(template, cfg0).state_dict()["param_groups"]
     if resumes[0] is not None and resumes[0]["optimizer"]["state"]:
-        opt.bufs = [
+        opt.momentum_buffers = [
             net._to_leaf(n, torch.stack([r["optimizer"]["state"][i]["momentum_buffer"].to(device)
                                          for r in resumes])).detach()
             for i, n in enumerate(net.param_names)
@@ -508,7 +501,7 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
         keep = [p for p in range(len(members)) if p not in set(gone)]
         if keep and len(keep) < len(members):
             net.select(keep)
-            opt.select(keep)
+            opt.select(keep, net.params)
             if noise is not None:
                 noise.select(keep)
         members = [members[p] for p in keep]
@@ -519,12 +512,13 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
                 "state": {},
                 "param_groups": copy.deepcopy(opt_template),
             }
-            if opt.bufs is not None:
-                optimizer_state["state"] = {
-                    i: {"momentum_buffer": net._view(n, b)[pos].clone(
-                        memory_format=torch.contiguous_format)}
-                    for i, (n, b) in enumerate(zip(net.param_names, opt.bufs, strict=True))
-                }  # fmt: skip
+            bufs = opt.momentum_buffers
+            optimizer_state["state"] = {
+                i: {"momentum_buffer": net._view(n, b)[pos].clone(
+                    memory_format=torch.contiguous_format)}
+                for i, (n, b) in enumerate(zip(net.param_names, bufs, strict=True))
+                if b is not None
+            }  # fmt: skip
             optimizer_state["param_groups"][0]["lr"] = m.lrs[min(step, total - 1)]
             m.ckpt.save(step, {
                 "step": step, "model": net.member_state(pos), "optimizer": optimizer_state,
@@ -593,7 +587,7 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
                         noise.after_micro_batch(net.params)
                 if noise is not None:
                     noise.after_step(net.params)
-                opt.step(net.params, lrs)
+                opt.step(lrs)
                 for p in net.params:
                     p.grad = None
                 if (s + 1) % CHECK_EVERY == 0 and (gone := check(losses.tolist())):

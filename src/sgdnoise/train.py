@@ -213,7 +213,9 @@ def train(
     order = BatchOrder(data.n_train, t_cfg.batch_size, t_cfg.seed, device)
     if P > 1:
         model = acc.prepare_model(model)
-    net = acc.unwrap_model(model)
+    # (unwrap_model asks whether the model is torch.compile'd, which imports torch._dynamo:
+    # ~1.3 s of start-up for a model that one process never wraps.)
+    net = acc.unwrap_model(model) if P > 1 else model
     evaluate = _Evaluator(net, task, t_cfg.eval_batch_size, acc, acc.autocast)
 
     tracker = None

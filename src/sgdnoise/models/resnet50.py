@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from sgdnoise.models.norm import GhostBatchNorm
@@ -16,6 +15,10 @@ def resnet50(
         raise ValueError(f"resnet50 takes (C, H, W) images, got input shape {input_shape}")
     if norm not in ("batch", "ghost"):
         raise ValueError(f"resnet50 norm must be batch | ghost, got {norm!r}")
+    # Imported here: torchvision takes about a second to import, which every other model's
+    # run (and `sgdnoise train`'s start-up) would otherwise pay.
+    import torchvision
+
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     channels = input_shape[0]
     if channels != 3:
