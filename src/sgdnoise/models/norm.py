@@ -74,15 +74,7 @@ class GhostBatchNorm(nn.Module):
 
     def num_groups(self, batch: int) -> int:
         """How many ghost batches a training batch of `batch` examples is split into."""
-        g = self.ghost_batch_size
-        if batch <= g:
-            return 1
-        if batch % g:
-            raise ValueError(
-                f"GhostBatchNorm: batch of {batch} is larger than ghost_batch_size={g} but not "
-                f"a multiple of it; use a (micro-)batch size that is a multiple of {g} or <= {g}"
-            )
-        return batch // g
+        return ghost_groups(batch, self.ghost_batch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -124,6 +116,20 @@ class GhostBatchNorm(nn.Module):
         self.running_mean.mul_(decay).add_(weights @ means)
         self.running_var.mul_(decay).add_(weights @ variances)
         self.num_batches_tracked.add_(k)
+
+
+def ghost_groups(batch: int, ghost_batch_size: int) -> int:
+    """How many ghost batches of `ghost_batch_size` a batch of `batch` examples makes: one
+    when it is no larger; else it must be a multiple."""
+    g = ghost_batch_size
+    if batch <= g:
+        return 1
+    if batch % g:
+        raise ValueError(
+            f"GhostBatchNorm: batch of {batch} is larger than ghost_batch_size={g} but not "
+            f"a multiple of it; use a (micro-)batch size that is a multiple of {g} or <= {g}"
+        )
+    return batch // g
 
 
 def make_norm(kind: str, num_features: int, dims: int, ghost_batch_size: int) -> nn.Module:

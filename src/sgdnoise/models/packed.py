@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgdnoise.models.norm import GhostBatchNorm
+from sgdnoise.models.norm import GhostBatchNorm, ghost_groups
 from sgdnoise.models.wrn import SkipGain
 
 
@@ -102,14 +102,7 @@ class PackedNorm(nn.Module):
 
     def _groups(self, n: int) -> int:
         g = self.ghost_batch_size
-        if g is None or n <= g:
-            return 1
-        if n % g:
-            raise ValueError(
-                f"GhostBatchNorm: batch of {n} is larger than ghost_batch_size={g} but not a "
-                f"multiple of it; use a (micro-)batch size that is a multiple of {g} or <= {g}"
-            )
-        return n // g
+        return 1 if g is None else ghost_groups(n, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K, c = self.running_mean.shape
