@@ -23,7 +23,6 @@ from sgdnoise.config import from_dict
 from sgdnoise.data.order import BatchOrder, derived_seed
 from sgdnoise.data.store import load
 from sgdnoise.models.build import build_model
-from sgdnoise.optim import make_optimizer
 from sgdnoise.train import train
 
 
@@ -31,12 +30,11 @@ def _setup(cfg, root: Path):
     data = load(cfg.data, "cpu", root)
     torch.manual_seed(derived_seed("init", cfg.train.seed))
     model = build_model(cfg.model, data.input_shape, data.num_classes)
-    return (
-        data,
-        model,
-        make_optimizer(model, cfg),
-        BatchOrder(data.n_train, cfg.train.batch_size, 0),
-    )
+    # The baselines use torch's own SGD (what a plain PyTorch loop would); sgdnoise's
+    # HeavyBall does the same arithmetic (tests/test_optim.py).
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.train.weight_decay, foreach=True)  # fmt: skip
+    return data, model, opt, BatchOrder(data.n_train, cfg.train.batch_size, 0)
 
 
 def bare(cfg, root: Path, steps: int) -> float:
