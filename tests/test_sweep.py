@@ -242,7 +242,8 @@ def test_rerunning_a_finished_sweep_trains_nothing_and_is_fast(two_worker_projec
 def test_kill9_worker_mid_run_then_restart_runs_every_point_once(tmp_path: Path) -> None:
     study = {
         "grid": {"train.lr_eff": [0.25, 0.5], "train.seed": [0]},
-        "fixed": {"train.budget.value": 2500},  # a few seconds per run: time to kill one
+        # Long enough (seconds, even on a fast machine) to be killed mid-run.
+        "fixed": {"train.budget.value": 8000},
         "edges": {"extend": False},
     }
     root = make_project(tmp_path, {"slow": study}, train={"pack": 1})  # one run at a time
@@ -271,7 +272,8 @@ def test_kill9_of_a_worker_training_a_pack_then_restart_runs_every_point_once(
     that diverged before the kill stays done."""
     study = {
         "grid": {"train.lr_eff": [0.25, 0.5, 1024.0], "train.seed": [0]},
-        "fixed": {"train.budget.value": 2500},
+        # The two members left after the third diverges train for seconds: time to kill.
+        "fixed": {"train.budget.value": 15000},
         "edges": {"extend": False},
     }
     root = make_project(tmp_path, {"packed": study}, train={"pack": 3})
@@ -314,7 +316,7 @@ def test_postgres_two_workers_exactly_once_with_heartbeat_recovery(tmp_path: Pat
     secret = "pw-s3cret-9f2c"
     study = {
         "grid": {"train.lr_eff": [0.125, 0.25, 0.5], "train.seed": [0]},
-        "fixed": {"train.budget.value": 2500},
+        "fixed": {"train.budget.value": 8000},  # seconds per pack: time to kill its worker
         "edges": {"extend": False},
         "heartbeat": {"interval": 1, "grace_period": 3},
     }
