@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import projects
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,16 +44,7 @@ def project(root: Path, study: str, width: int | None, batch_sizes: list[int] | 
     if batch_sizes:
         spec["grid"] = {**spec["grid"], "train.batch_size": batch_sizes}
     params["studies"] = {study: spec}
-    root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "sgdnoise.cli", "prepare"], cwd=root, env=_env(),
-                   check=True, capture_output=True)  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SGDNOISE_"))}
-    env.pop("OMP_NUM_THREADS", None)
-    return env
+    projects.write_project(root, params)
 
 
 def sweep(root: Path, study: str, mode: str, workers: int) -> dict:
@@ -60,7 +52,7 @@ def sweep(root: Path, study: str, mode: str, workers: int) -> dict:
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "sgdnoise.cli", "sweep", study, "--workers", str(workers), *pack],
-        cwd=root, env=_env(), capture_output=True, text=True,
+        cwd=root, env=projects.clean_env(), capture_output=True, text=True,
     )  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(proc.stdout + proc.stderr)
@@ -82,9 +74,10 @@ def sweep(root: Path, study: str, mode: str, workers: int) -> dict:
 
 
 def _trials(root: Path, study: str) -> list:
-    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    import optuna
 
     (log,) = (root / "optuna").glob(f"{study}-*.log")
     storage = JournalStorage(JournalFileBackend(str(log)))

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+import projects
 
 STUDY = "bench"
 BARE = r"""
@@ -63,24 +63,14 @@ def write_project(root: Path, steps: int, lrs: list[float], seeds: int) -> None:
             }
         },
     }
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # Prepare the data once, outside the timings.
-    subprocess.run([sys.executable, "-m", "sgdnoise.cli", "prepare"], cwd=root, env=_env(),
-                   check=True, capture_output=True)  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SGDNOISE_"))}
-    env.pop("OMP_NUM_THREADS", None)
-    return env
+    projects.write_project(root, params)
 
 
 def sweep(root: Path, workers: int) -> dict[str, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "sgdnoise.cli", "sweep", STUDY, "--workers", str(workers)],
-        cwd=root, env=_env(), capture_output=True, text=True,
+        cwd=root, env=projects.clean_env(), capture_output=True, text=True,
     )  # fmt: skip
     wall = time.monotonic() - t0
     if proc.returncode != 0:
@@ -103,9 +93,10 @@ def sweep(root: Path, workers: int) -> dict[str, float]:
 
 
 def _trials(root: Path) -> list:
-    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    import optuna
 
     (log,) = (root / "optuna").glob(f"{STUDY}-*.log")
     storage = JournalStorage(JournalFileBackend(str(log)))
@@ -115,7 +106,7 @@ def _trials(root: Path) -> list:
 def bare(root: Path, threads: int) -> dict[str, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", BARE, str(threads)], cwd=root, env=_env(),
+        [sys.executable, "-c", BARE, str(threads)], cwd=root, env=projects.clean_env(),
         capture_output=True, text=True,
     )  # fmt: skip
     if proc.returncode != 0:

@@ -20,6 +20,7 @@ BAD = [
     (["-P", "train.schedule=linear"], "train.schedule"),
     (["-P", "data.name=imagenet21k"], "data.name"),
     (["-P", "data.image_size=4"], "data.image_size"),
+    (["-P", "train.pack=0"], "train.pack"),
     (["-P", "data.image_size=224.5"], "data.image_size"),
     (["-P", "model.name=vit"], "model.name"),
     (["-P", "model.norm=layer"], "model.norm"),

@@ -106,8 +106,11 @@ def optuna_trials(root: Path, optuna_study: str, storage: str | None = None) -> 
 
 
 def mlflow_runs(root: Path) -> list[dict[str, Any]]:
-    """Every run with its tags and params, straight from the sqlite store (no MLflow import)."""
-    with sqlite3.connect(root / "mlflow.db") as db:
+    """Every run with its tags and params, straight from the sqlite store (no MLflow import).
+    One read transaction: a sweep creating runs meanwhile cannot add tags of a run this read
+    did not see."""
+    with sqlite3.connect(root / "mlflow.db", isolation_level=None) as db:
+        db.execute("BEGIN")
         runs = {
             r: {"run_id": r, "status": s, "name": n, "tags": {}, "params": {}}
             for r, s, n in db.execute("SELECT run_uuid, status, name FROM runs")
@@ -116,6 +119,7 @@ def mlflow_runs(root: Path) -> list[dict[str, Any]]:
             runs[r]["tags"][k] = v
         for r, k, v in db.execute("SELECT run_uuid, key, value FROM params"):
             runs[r]["params"][k] = v
+        db.execute("COMMIT")
     return list(runs.values())
 
 

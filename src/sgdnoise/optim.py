@@ -81,18 +81,17 @@ class HeavyBall:
         }]  # fmt: skip
         self.momentum_buffers: list[torch.Tensor | None] = [None] * len(self.params)
 
-    def directions(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """g (+ wd θ), through the momentum buffers when m > 0: what θ moves along.
-        `params` are those with a gradient; their buffers are updated in place."""
+    def directions(self, slots: list[int]) -> list[torch.Tensor]:
+        """g (+ wd θ), through the momentum buffers when m > 0: what θ moves along, for the
+        parameters at `slots` (those with a gradient); their buffers are updated in place."""
         group = self.param_groups[0]
+        params = [self.params[i] for i in slots]
         grads = [p.grad for p in params]
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         m = group["momentum"]
         if not m:
             return grads
-        index = {id(p): i for i, p in enumerate(self.params)}
-        slots = [index[id(p)] for p in params]
         bufs = [self.momentum_buffers[i] for i in slots]
         if all(b is not None for b in bufs):
             torch._foreach_mul_(bufs, m)
@@ -109,9 +108,10 @@ class HeavyBall:
 
     @torch.no_grad()
     def step(self) -> None:
-        params = [p for p in self.params if p.grad is not None]
-        if params:
-            torch._foreach_add_(params, self.directions(params), alpha=-self.param_groups[0]["lr"])
+        slots = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if slots:
+            params = [self.params[i] for i in slots]
+            torch._foreach_add_(params, self.directions(slots), alpha=-self.param_groups[0]["lr"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -16,8 +16,8 @@ amplified by training (tests/test_pack.py states the tolerance).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import copy
 import math
 import os
 import sys
@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgdnoise import tracking
 from sgdnoise.checkpoint import Checkpointer
 from sgdnoise.config import Config, ConfigError, accumulation_steps
 from sgdnoise.data.order import BatchOrder, derived_seed
-from sgdnoise.models.packed import NotPackable
-from sgdnoise.optim import HeavyBall, lr_table, make_optimizer
+from sgdnoise.models.packed import NotPackable, pack_model, transposed_names
+from sgdnoise.optim import HeavyBall, lr_table
 from sgdnoise.paths import project_root
 from sgdnoise.train import (
     CHECK_EVERY,
@@ -72,11 +73,12 @@ def pack_key(cfg: Config) -> str:
 # Packing pays while a step is dominated by fixed costs (Python, dispatch, kernel launches)
 # rather than arithmetic. Per device: (the largest forward FLOPs of one member's step that
 # is packed, the largest of a whole pack's step); a pack grows in powers of two up to
-# MAX_PACK within both. CPU, measured on 2 cores with one thread (runs per second of K
-# members packed vs one by one): an MLP of width 32 at B = 16 (84 kFLOP per member-step)
-# 4.0x at K = 8, 5.3x at 16, 6.4x at 32; the default width-256 MLP 1.7x at B = 16 (2.5
-# MFLOP, K = 8; 1.4x at K = 16), 1.15x at B = 64 (10 MFLOP), 0.9x at B = 256; the default
-# CNN1d 1.45x at B = 16 (5 MFLOP), 0.9x at B = 64. GPU: sized so that a WRN-16-4 pack at
+# MAX_PACK within both. CPU, measured on 2 cores with one thread (benchmarks/pack_steps.py:
+# runs per second of K members packed vs one by one): an MLP of width 32 at B = 16 (84
+# kFLOP per member-step) 2.9x at K = 8, 3.8x at 16, 4.6x at 32; the default width-256 MLP
+# 1.4x at B = 16 (2.5 MFLOP, K = 8; 1.2x at K = 16), about 1x at B = 64 (10 MFLOP); the
+# default CNN1d 1.45x at B = 16 (5 MFLOP), 0.9x at B = 64 (measured before the optimizer
+# change that made unpacked steps a little cheaper). GPU: sized so that a WRN-16-4 pack at
 # B = 64 holds 16 members (not measured here; benchmarks/gpu.sh measures it).
 PACK_FLOPS = {"cpu": (6e6, 24e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 32, "cuda": 16}
@@ -150,7 +152,6 @@ def pack_size(cfg: Config, root: Path) -> int:
 def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:
     """Whether every layer of cfg's model has a packed counterpart."""
     from sgdnoise.models.build import build_model
-    from sgdnoise.models.packed import pack_model
 
     model = build_model(cfg.model, tuple(input_shape), num_classes)
     try:
@@ -164,8 +165,6 @@ class StackedModel:
     """K copies of one architecture as one packed module (sgdnoise.models.packed)."""
 
     def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]]):
-        from sgdnoise.models.packed import pack_model, transposed_names
-
         self.template = template  # holds the structure; loaded with a member to evaluate it
         self.module = pack_model(template, states)
         self.param_names = [n for n, _ in template.named_parameters()]
@@ -236,7 +235,7 @@ class StackedSGD(HeavyBall):
 
     @torch.no_grad()
     def step(self, lrs: Sequence[float]) -> None:  # type: ignore[override]
-        directions = self.directions(self.params)
+        directions = self.directions(list(range(len(self.params))))
         for k, lr in enumerate(lrs):
             torch._foreach_add_([p[k] for p in self.params], [d[k] for d in directions],
                                 alpha=-lr)  # fmt: skip
@@ -366,7 +365,7 @@ def train_pack(
 
 def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, done) -> None:
     from sgdnoise.data.augment import apply_crop_flip, crop_flip_params
-    from sgdnoise.data.store import ensure_prepared, load_prepared
+    from sgdnoise.data.store import load
     from sgdnoise.models.build import build_model
 
     cfg0 = cfgs[0]
@@ -381,7 +380,7 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
     K_acc = accumulation_steps(cfg0, 1)
     M = t_cfg.micro_batch_size or t_cfg.batch_size
     B = t_cfg.batch_size
-    data = load_prepared(ensure_prepared(cfg0.data, root), device)
+    data = load(cfg0.data, device, root)
     task = "reconstruction" if cfg0.model.name == "autoencoder" else "classification"
     reconstruction = task == "reconstruction"
     augment = data.meta.get("augment")
@@ -397,7 +396,6 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
     assert template is not None
     net = StackedModel(template, [{k: v.to(device) for k, v in s.items()} for s in states])
     opt = StackedSGD(net.params, cfg0.momentum, t_cfg.weight_decay)
-    opt_template = make_optimizer(template, cfg0).state_dict()["param_groups"]
     if resumes[0] is not None and resumes[0]["optimizer"]["state"]:
         opt.momentum_buffers = [
             net._to_leaf(n, torch.stack([r["optimizer"]["state"][i]["momentum_buffer"].to(device)
@@ -411,8 +409,6 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
         ckpt = Checkpointer(cfg, root, scope=parent_run_id)
         tracker = None
         if track and resume is not None and resume.get("run_id"):
-            from sgdnoise import tracking
-
             tracker = tracking.RunTracker(cfg, root, auto_flush=False)
             tracker.resume(resume["run_id"])
         elif track:
@@ -498,7 +494,7 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
             if keep_state:
                 result.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             done(m.index, result)
-        keep = [p for p in range(len(members)) if p not in set(gone)]
+        keep = [p for p in range(len(members)) if p not in gone]
         if keep and len(keep) < len(members):
             net.select(keep)
             opt.select(keep, net.params)
@@ -508,18 +504,17 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
 
     def checkpoint(step: int, elapsed: float) -> None:
         for pos, m in enumerate(members):
-            optimizer_state: dict[str, Any] = {
-                "state": {},
-                "param_groups": copy.deepcopy(opt_template),
-            }
-            bufs = opt.momentum_buffers
-            optimizer_state["state"] = {
-                i: {"momentum_buffer": net._view(n, b)[pos].clone(
-                    memory_format=torch.contiguous_format)}
-                for i, (n, b) in enumerate(zip(net.param_names, bufs, strict=True))
-                if b is not None
+            # The unpacked run's optimizer state (HeavyBall's format): either can resume it.
+            optimizer_state = {
+                "state": {
+                    i: {"momentum_buffer": net._view(n, b)[pos].clone(
+                        memory_format=torch.contiguous_format)}
+                    for i, (n, b) in enumerate(zip(net.param_names, opt.momentum_buffers,
+                                                   strict=True))
+                    if b is not None
+                },
+                "param_groups": [{**opt.param_groups[0], "lr": m.lrs[min(step, total - 1)]}],
             }  # fmt: skip
-            optimizer_state["param_groups"][0]["lr"] = m.lrs[min(step, total - 1)]
             m.ckpt.save(step, {
                 "step": step, "model": net.member_state(pos), "optimizer": optimizer_state,
                 "history": m.history, "initial_loss": m.initial_loss,
@@ -537,8 +532,6 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
             p for p, (m, v) in enumerate(zip(members, losses, strict=True))
             if not math.isfinite(v) or v > factor * m.initial_loss
         ]  # fmt: skip
-
-    import bisect
 
     next_eval = bisect.bisect_left(evals, start)
     stop = _StopFlag()
@@ -588,8 +581,7 @@ def _train_group(cfgs, resumes, tags, root, parent_run_id, track, keep_state, do
                 if noise is not None:
                     noise.after_step(net.params)
                 opt.step(lrs)
-                for p in net.params:
-                    p.grad = None
+                opt.zero_grad()
                 if (s + 1) % CHECK_EVERY == 0 and (gone := check(losses.tolist())):
                     elapsed += time.perf_counter() - t0
                     retire(gone, "diverged", s + 1, elapsed)
