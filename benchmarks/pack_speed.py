@@ -74,10 +74,9 @@ def sweep(root: Path, study: str, mode: str, workers: int) -> dict:
 
 
 def _trials(root: Path, study: str) -> list:
+    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-
-    import optuna
 
     (log,) = (root / "optuna").glob(f"{study}-*.log")
     storage = JournalStorage(JournalFileBackend(str(log)))

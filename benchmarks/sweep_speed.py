@@ -93,10 +93,9 @@ def sweep(root: Path, workers: int) -> dict[str, float]:
 
 
 def _trials(root: Path) -> list:
+    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-
-    import optuna
 
     (log,) = (root / "optuna").glob(f"{STUDY}-*.log")
     storage = JournalStorage(JournalFileBackend(str(log)))
