@@ -7,13 +7,15 @@ outcome: what the runs show is what the verdict says. Missing data (a study not 
 B_crit the fit could not place, a single seed, an optimum at the edge of the lr grid)
 gives "cannot tell" with the reason instead of a guess.
 
-Claims (PAPER.md, questions 1 to 3), each on one of the paper's three studies:
-- lr_rises_at_small_b, lr_flat_at_large_b (constant epoch budget): below B_crit the
-  optimal ε_eff grows ∝ B (log-log slope near 1), above it stops growing (slope near 0).
-- accuracy_flat_then_falls (constant epoch budget): best test metric flat at small B,
-  then falling with B.
-- momentum_only_helps_at_large_b (constant epoch budget): Momentum no better than SGD
-  at small B, better at the largest B.
+Claims (docs/protocol.md), each on one of the paper's three studies:
+- accuracy_flat_then_falls (constant epoch budget): best test metric flat (within the
+  seeds' spread) over at least three consecutive smallest batch sizes, then falling by a
+  clear margin at the largest B.
+- lr_rises_at_small_b, lr_flat_at_large_b (constant epoch budget): over that flat region
+  (the noise-dominated regime) the optimal ε_eff grows ∝ B (log-log slope near 1); at and
+  above the fitted B_crit it stops growing (slope near 0).
+- momentum_only_helps_at_large_b (constant epoch budget): Momentum the same as SGD at the
+  smallest B, better at each of the largest ones.
 - large_batches_lose_at_constant_steps (constant step budget): the largest B loses test
   accuracy even though its training loss is lower or equal.
 - train_optimal_lr_falls_faster (epoch-budget study): as the budget grows, the
@@ -40,6 +42,8 @@ ROLES: dict[str, str] = {
     "constant_epochs": "constant_epochs",
     "constant_steps": "constant_steps",
     "epoch_budgets": "epoch_budgets",
+    # Not a claim of its own: the measured B_simple set beside constant_epochs' B_crit.
+    "noise_scale": "noise_scale",
 }
 SGD, MOMENTUM = "sgd", "momentum"  # series names of the two optimizers (train.optimizer)
 
@@ -66,8 +70,12 @@ FEW_SEEDS = 3
 # Accuracy-vs-B claims need at least this many batch sizes with a best metric.
 MIN_BATCH_SIZES = 3
 # "Flat at small B": at least this many batch sizes, from the smallest up, all "the
-# same" as the best one.
-MIN_FLAT_POINTS = 2
+# same" as the best one; the slope of "ε_opt ∝ B" is measured over that region.
+MIN_FLAT_POINTS = 3
+# Momentum vs SGD: "the same" at this many smallest batch sizes, "ahead" at this many
+# largest ones.
+MOMENTUM_SMALL_POINTS = 1
+MOMENTUM_LARGE_POINTS = 2
 # Epoch-budget study: the budgets must span at least this factor (the paper: 128x).
 MIN_BUDGET_SPAN = 4.0
 # "Falls faster": the train-optimal ε_eff falls by at least this many octaves (factors
@@ -76,8 +84,8 @@ MIN_EXTRA_FALL_OCTAVES = 1.0
 
 THRESHOLDS: dict[str, str] = {
     "slope near 1": f"log-log slope of optimal ε_eff vs B within "
-    f"[{SLOPE_PROPORTIONAL[0]:g}, {SLOPE_PROPORTIONAL[1]:g}], over ≥{MIN_SLOPE_POINTS} "
-    "batch sizes below B_crit",
+    f"[{SLOPE_PROPORTIONAL[0]:g}, {SLOPE_PROPORTIONAL[1]:g}], over the flat-accuracy region "
+    f"(≥{MIN_SLOPE_POINTS} batch sizes)",
     "slope near 0": f"|slope| ≤ {SLOPE_FLAT_MAX:.2g} (under one lr grid step per three "
     f"doublings of B), over ≥{MIN_SLOPE_POINTS} batch sizes at or above B_crit",
     "same metric": f"difference ≤ max({N_STD:g} × pooled seed std, "
@@ -85,8 +93,11 @@ THRESHOLDS: dict[str, str] = {
     f"{MIN_DIFF_RELATIVE * 100:g} % of the value for losses); a larger gap is a real difference",
     "seeds": f"every verdict needs ≥{MIN_SEEDS} seeds per grid point: with one, a difference "
     "cannot be told from seed noise",
-    "flat at small B": f"≥{MIN_FLAT_POINTS} batch sizes, from the smallest up, the same as "
-    f"the best; ≥{MIN_BATCH_SIZES} batch sizes in all",
+    "flat at small B": f"≥{MIN_FLAT_POINTS} consecutive batch sizes, from the smallest up, "
+    f"the same as the best; ≥{MIN_BATCH_SIZES} batch sizes in all; the largest B below the "
+    "best by more than the tolerance",
+    "momentum vs SGD": f"the same at the {MOMENTUM_SMALL_POINTS} smallest B, Momentum ahead by "
+    f"more than the tolerance at each of the {MOMENTUM_LARGE_POINTS} largest B",
     "edge of the lr grid": "an optimum at the lowest or highest lr tried is only a bound: "
     "a slope through it cannot be told; a budget ratio through it only where the bound "
     "could change the verdict",
@@ -178,7 +189,7 @@ TITLES = {
     "lr_flat_at_large_b": "optimal ε_eff independent of B at large B (curvature-dominated)",
     "accuracy_flat_then_falls": "constant epoch budget: test accuracy flat at small B, "
     "then falling with B",
-    "momentum_only_helps_at_large_b": "Momentum no better than SGD at small B, better at large B",
+    "momentum_only_helps_at_large_b": "Momentum the same as SGD at small B, better at large B",
     "large_batches_lose_at_constant_steps": "constant step budget: the largest batches lose "
     "test accuracy although their training loss is lower or equal",
     "train_optimal_lr_falls_faster": "growing epoch budget: the train-optimal ε_eff falls "
@@ -413,21 +424,19 @@ def _segments(
     return None
 
 
-def _lr_part(key: str, g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def _flat_part(g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """ε_opt independent of B at and above the fitted B_crit."""
     seg = _segments(g, reg)
     if seg is None:
         return UNKNOWN, f"B_crit not estimated ({reg.get('message') or 'no fit'})", {}
     below, above, placed = seg
-    rising = key == "lr_rises_at_small_b"
-    part, other = (below, above) if rising else (above, below)
-    side = "below" if rising else "at or above"
     nums: dict[str, Any] = {"b_crit": reg.get("b_crit"), "placed": placed}
-    if len(other) >= 2:
+    if len(below) >= 2:
         nums["slope_other_side"] = _slope(
-            other["batch_size"].to_numpy(float), other["lr_opt"].to_numpy()
+            below["batch_size"].to_numpy(float), below["lr_opt"].to_numpy()
         )
-    if part.empty:
-        all_b = pd.concat([below, above])
+    if above.empty:
+        all_b = below
         slope_all = (
             _slope(all_b["batch_size"].to_numpy(float), all_b["lr_opt"].to_numpy())
             if len(all_b) >= 2
@@ -436,7 +445,7 @@ def _lr_part(key: str, g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, 
         nums["slope_all"] = slope_all
         edges = all_b[all_b["edge"] != ""]
         if len(edges):
-            # A plateau (or a fall) made by optima pinned to the grid's edge is the grid's.
+            # A rise made by optima pinned to the grid's edge is the grid's.
             nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
             where = ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
             return (
@@ -445,23 +454,66 @@ def _lr_part(key: str, g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, 
                 f"edge of the lr grid at B = {where}",
                 nums,
             )
-        what = (
-            "ε_opt does not grow with B anywhere in the tried range"
-            if rising
-            else "ε_opt still grows at the largest batch size tried"
-        )
+        what = "ε_opt still grows at the largest batch size tried"
         return FAILS, f"{what} ({placed}; slope over all B {slope_all:.2f})", nums
-    bs = part["batch_size"].to_numpy(float)
+    bs = above["batch_size"].to_numpy(float)
     nums["batch_sizes"] = [int(b) for b in bs]
-    if len(part) < MIN_SLOPE_POINTS:
-        why = f"only {len(part)} batch size(s) {side} {placed} (needs {MIN_SLOPE_POINTS})"
+    if len(above) < MIN_SLOPE_POINTS:
+        why = f"only {len(above)} batch size(s) at or above {placed} (needs {MIN_SLOPE_POINTS})"
         return UNKNOWN, why, nums
-    slope = _slope(bs, part["lr_opt"].to_numpy())
+    slope = _slope(bs, above["lr_opt"].to_numpy())
     nums["slope"] = slope
     span = f"B = {int(bs.min())} to {int(bs.max())}"
-    seeds = int(part["n_seeds"].min())
+    seeds = int(above["n_seeds"].min())
     if seeds < MIN_SEEDS:
         return UNKNOWN, f"slope {slope:.2f} over {span}, from {seeds} seed(s) only", nums
+    edges = above[above["edge"] != ""]
+    if len(edges):
+        nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
+        where = ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
+        return (
+            UNKNOWN,
+            f"slope {slope:.2f} over {span}, but the optimum sits at the edge of the lr grid "
+            f"at B = {where}, so the slope is only bounded",
+            nums,
+        )
+    verdict = HOLDS if abs(slope) <= SLOPE_FLAT_MAX else FAILS
+    sign = "" if verdict == HOLDS else "not "
+    want = f"near 0: |slope| ≤ {SLOPE_FLAT_MAX:.2g}"
+    return verdict, f"slope {slope:.2f} over {span} ({placed}; {sign}{want})", nums
+
+
+def _rise_part(
+    g: pd.DataFrame, reg: dict[str, Any], metric: str, direction: str
+) -> tuple[str, str, dict[str, Any]]:
+    """ε_opt ∝ B over the noise-dominated region: the smallest batch sizes whose best test
+    metric is flat (the same as the best, within the seeds' spread)."""
+    nums: dict[str, Any] = {
+        "b_crit": reg.get("b_crit"),
+        "slope_below_b_crit": reg.get("slope_below_b_crit"),
+    }
+    acc = g[np.isfinite(g["metric_mean"])]
+    if len(acc) < MIN_BATCH_SIZES:
+        return UNKNOWN, f"only {len(acc)} batch size(s) with a result", nums
+    few = acc[(acc["n_seeds"] < MIN_SEEDS) | ~np.isfinite(acc["metric_std"])]
+    if len(few):
+        why = f"no seed std at B = {fmt_b(few['batch_size'])} (single seed): no flat region"
+        return UNKNOWN, why, nums
+    flat = _flat_region(acc, metric, direction)
+    nums["flat_batch_sizes"] = flat
+    part = g[g["batch_size"].isin(flat) & np.isfinite(g["lr_opt"])]
+    if len(part) < MIN_SLOPE_POINTS:
+        where = f"B = {fmt_b(flat)}" if flat else "no batch size"
+        return (
+            UNKNOWN,
+            f"the test metric is flat over {where} only: no noise-dominated region of "
+            f"≥{MIN_SLOPE_POINTS} batch sizes to measure the slope over",
+            nums,
+        )
+    bs = part["batch_size"].to_numpy(float)
+    slope = _slope(bs, part["lr_opt"].to_numpy())
+    nums["slope"] = slope
+    span = f"B = {int(bs.min())} to {int(bs.max())} (flat test metric)"
     edges = part[part["edge"] != ""]
     if len(edges):
         nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
@@ -472,15 +524,10 @@ def _lr_part(key: str, g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, 
             f"at B = {where}, so the slope is only bounded",
             nums,
         )
-    if rising:
-        lo, hi = SLOPE_PROPORTIONAL
-        verdict = HOLDS if lo <= slope <= hi else FAILS
-        want = f"near 1: within [{lo:g}, {hi:g}]"
-    else:
-        verdict = HOLDS if abs(slope) <= SLOPE_FLAT_MAX else FAILS
-        want = f"near 0: |slope| ≤ {SLOPE_FLAT_MAX:.2g}"
+    lo, hi = SLOPE_PROPORTIONAL
+    verdict = HOLDS if lo <= slope <= hi else FAILS
     sign = "" if verdict == HOLDS else "not "
-    return verdict, f"slope {slope:.2f} over {span} ({placed}; {sign}{want})", nums
+    return verdict, f"slope {slope:.2f} over {span}; {sign}near 1: within [{lo:g}, {hi:g}]", nums
 
 
 def _lr_claim(key: str, result: StudyResult | None, study: str) -> Claim:
@@ -489,9 +536,15 @@ def _lr_claim(key: str, result: StudyResult | None, study: str) -> Claim:
         return g
     summary = result.summary if result is not None else {}
     regimes = summary.get("regimes", {})
-    verdict, detail, numbers = _per_series(
-        g, lambda series, sg: _lr_part(key, sg, regimes.get(series, {}))
-    )
+    if key == "lr_rises_at_small_b":
+        metric, direction = summary["metric"], summary["direction"]
+        verdict, detail, numbers = _per_series(
+            g, lambda series, sg: _rise_part(sg, regimes.get(series, {}), metric, direction)
+        )
+    else:
+        verdict, detail, numbers = _per_series(
+            g, lambda series, sg: _flat_part(sg, regimes.get(series, {}))
+        )
     hints = [
         f"{series}: the lr grid does not bracket the optimum everywhere"
         for series, nums in numbers.items()
@@ -501,6 +554,33 @@ def _lr_claim(key: str, result: StudyResult | None, study: str) -> Claim:
         b = g["batch_size"]
         hints.append(f"batch sizes span {int(b.min())} to {int(b.max())} only")
     return Claim(key, TITLES[key], ROLE_OF[key], study, verdict, detail, numbers, hints)
+
+
+def _same_as_best(
+    g: pd.DataFrame, metric: str, direction: str
+) -> Callable[[pd.Series], tuple[bool, float, float]]:
+    """r -> (the same as g's best within the tolerance, gap to the best, tolerance)."""
+    score = g["metric_mean"] if direction == "maximize" else -g["metric_mean"]
+    best = g.loc[score.idxmax()]
+
+    def same(r: pd.Series) -> tuple[bool, float, float]:
+        tol = _tolerance(metric, r.metric_std, best.metric_std, r.metric_mean, best.metric_mean)
+        gap = _gain(best.metric_mean, r.metric_mean, direction)
+        return gap <= tol, gap, tol
+
+    return same
+
+
+def _flat_region(g: pd.DataFrame, metric: str, direction: str) -> list[int]:
+    """The batch sizes, from the smallest up and without a gap, whose best metric is the
+    same as the best one (g: one series, sorted by B, finite metrics)."""
+    same = _same_as_best(g, metric, direction)
+    flat: list[int] = []
+    for _, r in g.iterrows():
+        if not same(r)[0]:
+            break
+        flat.append(int(r.batch_size))
+    return flat
 
 
 def _accuracy_part(g: pd.DataFrame, metric: str, direction: str) -> tuple[str, str, dict[str, Any]]:
@@ -513,17 +593,8 @@ def _accuracy_part(g: pd.DataFrame, metric: str, direction: str) -> tuple[str, s
     score = g["metric_mean"] if direction == "maximize" else -g["metric_mean"]
     best = g.loc[score.idxmax()]
     largest = g.iloc[-1]
-
-    def same_as_best(r: pd.Series) -> tuple[bool, float, float]:
-        tol = _tolerance(metric, r.metric_std, best.metric_std, r.metric_mean, best.metric_mean)
-        gap = _gain(best.metric_mean, r.metric_mean, direction)
-        return gap <= tol, gap, tol
-
-    flat = 0
-    for _, r in g.iterrows():
-        if not same_as_best(r)[0]:
-            break
-        flat += 1
+    same_as_best = _same_as_best(g, metric, direction)
+    flat = len(_flat_region(g, metric, direction))
     _, drop, tol = same_as_best(largest)
     pooled = math.sqrt((largest.metric_std**2 + best.metric_std**2) / 2)
     nums = {
@@ -596,8 +667,10 @@ def _momentum_claim(result: StudyResult | None, study: str) -> Claim:
     sgd = g[g["series"] == SGD].set_index("batch_size")
     mom = g[g["series"] == MOMENTUM].set_index("batch_size")
     common = sorted(set(sgd.index) & set(mom.index))
-    if len(common) < 2:
-        return claim(UNKNOWN, f"only {len(common)} batch size(s) with results for both")
+    need = MOMENTUM_SMALL_POINTS + MOMENTUM_LARGE_POINTS
+    if len(common) < need:
+        why = f"only {len(common)} batch size(s) with results for both (needs {need})"
+        return claim(UNKNOWN, why)
     few = [
         b
         for b in common
@@ -621,41 +694,39 @@ def _momentum_claim(result: StudyResult | None, study: str) -> Claim:
                 "tolerance": tol,
             }
         )
-    # Small B: the batch sizes SGD's regime fit labels noise-dominated (momentum should not
-    # matter there); without labels, the smallest B alone. Large B: the largest one.
-    largest = common[-1]
-    small = [b for b in common[:-1] if sgd.at[b, "regime"] == "noise"]
-    small_from = "SGD's noise-dominated batch sizes"
-    if not small:
-        small, small_from = common[:1], "the smallest batch size (no noise-dominated label)"
+    # The paper: the same at small B (noise-dominated for both), Momentum ahead at large B.
+    small, large = common[:MOMENTUM_SMALL_POINTS], common[-MOMENTUM_LARGE_POINTS:]
     by_b = {r["batch_size"]: r for r in rows}
     better_small = [b for b in small if by_b[b]["momentum_advantage"] > by_b[b]["tolerance"]]
     worse_small = [b for b in small if by_b[b]["momentum_advantage"] < -by_b[b]["tolerance"]]
-    big = by_b[largest]
-    better_large = big["momentum_advantage"] > big["tolerance"]
-    adv = ", ".join(
-        f"B={b}: {fmt_diff(by_b[b]['momentum_advantage'], metric)} "
-        f"(± {fmt_diff(by_b[b]['tolerance'], metric)})"
-        for b in small
-    )
-    text = (
-        f"Momentum minus SGD at {small_from} {adv}; at the largest B = {largest}: "
-        f"{fmt_diff(big['momentum_advantage'], metric)} "
-        f"(tolerance {fmt_diff(big['tolerance'], metric)})"
-    )
+    not_ahead = [b for b in large if by_b[b]["momentum_advantage"] <= by_b[b]["tolerance"]]
+
+    def adv(bs: list[int]) -> str:
+        return ", ".join(
+            f"B={b}: {fmt_diff(by_b[b]['momentum_advantage'], metric)} "
+            f"(tolerance {fmt_diff(by_b[b]['tolerance'], metric)})"
+            for b in bs
+        )
+
+    text = f"Momentum minus SGD at the smallest {adv(small)}; at the largest {adv(large)}"
     if better_small:
         text += f"; Momentum is better already at B = {fmt_b(better_small)}"
     if worse_small:
         text += f"; SGD is better at B = {fmt_b(worse_small)}"
-    if not better_large:
-        text += "; no Momentum advantage at the largest B"
-    verdict = HOLDS if not better_small and better_large else FAILS
+    if not_ahead:
+        text += f"; no Momentum advantage at B = {fmt_b(not_ahead)}"
+    verdict = HOLDS if not better_small and not worse_small and not not_ahead else FAILS
     hints = _seed_hints(g) + _edge_hints(g) if verdict != HOLDS else []
-    if verdict != HOLDS and not better_large:
+    if verdict != HOLDS and not_ahead:
         hints.append(
-            f"the largest B = {largest} may not be far enough into the curvature-dominated regime"
+            f"B = {fmt_b(not_ahead)} may not be far enough into the curvature-dominated regime"
         )
-    numbers = {"metric": metric, "small_batch_sizes": [int(b) for b in small], "rows": rows}
+    numbers = {
+        "metric": metric,
+        "small_batch_sizes": [int(b) for b in small],
+        "large_batch_sizes": [int(b) for b in large],
+        "rows": rows,
+    }
     return claim(verdict, text, numbers, hints)
 
 

@@ -238,3 +238,83 @@ def lr_vs_budget(t: pd.DataFrame, title: str, out_dir: Path) -> list[Path]:
         f"{p}_{c}" for p in ("train", "test") for c in ("lr_opt", "lr_lo", "lr_hi", "lr_ratio")
     ]
     return _save(fig, t[cols], out_dir, "lr_vs_budget")
+
+
+def noise_scale_vs_progress(curve: pd.DataFrame, title: str, out_dir: Path) -> list[Path]:
+    """Measured B_simple along training, one line per run, a colour per optimizer."""
+    colors = _colors(sorted(curve["optimizer"].unique()))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    labelled: set[str] = set()
+    for (optimizer, _), run in curve.groupby(["optimizer", "run_id"], sort=True):
+        label = None if optimizer in labelled else optimizer
+        labelled.add(optimizer)
+        ax.plot(run["progress"], run["grad_noise_scale"], marker="o", ms=3,
+                color=colors[optimizer], alpha=0.8, label=label)  # fmt: skip
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("fraction of the training budget")
+    ax.set_ylabel("measured B_simple = tr(Σ)/|G|²")
+    ax.set_title(f"{title}: gradient noise scale along training (one line per run)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(title="optimizer")
+    return _save(fig, curve.drop(columns="run_id"), out_dir, "noise_scale_vs_progress")
+
+
+def two_regimes(
+    lr: pd.DataFrame,
+    best: pd.DataFrame,
+    fits: dict[str, tuple[float, float] | None],
+    b_simple: dict[str, float],
+    title: str,
+    out_dir: Path,
+    name: str = "two_regimes",
+) -> list[Path]:
+    """The study's result in one figure: left, the optimal ε_eff vs B of each optimizer with
+    the fit ε_max/(1 + B_crit/B), the slope-1 guide and the measured B_simple; right, the
+    best test metric vs B. `lr` and `best` are a batch-size study's optimal_lr_vs_batch.csv
+    and best_metric_vs_batch.csv; `fits` maps a series to (B_crit, ε_max) when fitted."""
+    series = sorted(lr["series"].unique())
+    colors = _colors(series)
+    fig = Figure(figsize=(12.0, 4.8))
+    left, right = fig.subplots(1, 2)
+    rows = []
+    for s in series:
+        d = lr[(lr["series"] == s) & np.isfinite(lr["lr_opt"])]
+        yerr = np.vstack([d["lr_opt"] - d["lr_lo"], d["lr_hi"] - d["lr_opt"]])
+        left.errorbar(d["batch_size"], d["lr_opt"], yerr=yerr, marker="o", linestyle="none",
+                      capsize=3, color=colors[s], label=f"{s}: optimal ε_eff")  # fmt: skip
+        fit = fits.get(s)
+        if fit is not None and len(d):
+            b_crit, eps_max = fit
+            bb = np.geomspace(d["batch_size"].min(), d["batch_size"].max(), 100)
+            left.plot(bb, eps_max / (1.0 + b_crit / bb), color=colors[s],
+                      label=f"{s}: fit, B_crit ≈ {b_crit:.3g}")  # fmt: skip
+        if s in b_simple:
+            left.axvline(b_simple[s], color=colors[s], linestyle=":",
+                         label=f"{s}: measured B_simple ≈ {b_simple[s]:.3g}")  # fmt: skip
+        m = best[best["series"] == s]
+        right.errorbar(m["batch_size"], m["metric_mean"], yerr=m["metric_std"].fillna(0),
+                       marker="o", capsize=3, color=colors[s], label=s)  # fmt: skip
+        for r in d.itertuples():
+            rows.append({"series": s, "batch_size": r.batch_size, "lr_opt": r.lr_opt,
+                         "b_crit": fit[0] if fit else np.nan,
+                         "eps_max": fit[1] if fit else np.nan,
+                         "b_simple": b_simple.get(s, np.nan)})  # fmt: skip
+    finite = lr[np.isfinite(lr["lr_opt"])]
+    if len(finite):
+        b0 = finite.loc[finite["batch_size"].idxmin()]
+        bb = np.geomspace(finite["batch_size"].min(), finite["batch_size"].max(), 2)
+        left.plot(bb, b0["lr_opt"] * bb / b0["batch_size"], "k--", lw=1, label="slope 1 (ε ∝ B)")
+    for ax in (left, right):
+        _log2_axis(ax, "x")
+        ax.set_xlabel(B_LABEL)
+        ax.grid(alpha=0.3, which="both")
+    _log2_axis(left, "y")
+    left.set_ylabel(f"optimal {LR_LABEL}")
+    left.set_title(f"{title}: noise-dominated (ε ∝ B), then curvature-dominated", fontsize=10)
+    left.legend(fontsize=7)
+    metric = best["metric"].iloc[0] if len(best) else "metric"
+    right.set_ylabel(f"best {_label(metric)} (mean ± std over seeds)")
+    right.set_title(f"{title}: best {_label(metric)} vs batch size", fontsize=10)
+    right.legend(title="optimizer")
+    return _save(fig, pd.DataFrame(rows), out_dir, name)

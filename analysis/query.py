@@ -20,11 +20,13 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-KIND_TAG = "sgdnoise.kind"
-STUDY_TAG = "sgdnoise.study"
-RUN_KEY_TAG = "sgdnoise.run_key"
-STATUS_TAG = "sgdnoise.status"
-PARENT_TAG = "mlflow.parentRunId"
+from sgdnoise import contract as C
+
+KIND_TAG = C.KIND
+STUDY_TAG = C.STUDY
+RUN_KEY_TAG = C.RUN_KEY
+STATUS_TAG = C.STATUS
+PARENT_TAG = C.PARENT
 
 # Params the tables need, mapped to tidy column names.
 PARAMS = {
@@ -34,16 +36,18 @@ PARAMS = {
     "train.seed": "seed",
     "train.budget.unit": "budget_unit",
     "train.budget.value": "budget_value",
+    "train.micro_batch_size": "micro_batch_size",
+    "derived.total_steps": "total_steps",
 }
 METRICS = (
-    "final_train_loss",
-    "final_test_loss",
-    "final_test_accuracy",
-    "grad_noise_scale",
-    "diverged",
-    "steps",
-    "epochs",
-    "examples_per_second",
+    C.FINAL_TRAIN_LOSS,
+    C.FINAL_TEST_LOSS,
+    C.FINAL_TEST_ACCURACY,
+    C.GRAD_NOISE_SCALE,
+    C.DIVERGED,
+    C.STEPS,
+    C.EPOCHS,
+    C.EXAMPLES_PER_SECOND,
 )
 TAGS = (KIND_TAG, RUN_KEY_TAG, STATUS_TAG)
 CORE = ["run_key", "optimizer", "batch_size", "lr_eff", "seed", "budget_unit", "budget_value"]
@@ -140,7 +144,7 @@ def _find_parent(
     while True:
         page = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{KIND_TAG}` = 'study'",
+            filter_string=f"tags.`{KIND_TAG}` = '{C.KIND_STUDY}'",
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=1000,
             page_token=token,
@@ -260,7 +264,7 @@ def _tidy(raw: _Raw, metric_keys: tuple[str, ...], notes: list[str]) -> tuple[pd
     params = _wide(raw.params, tuple(PARAMS), ids).rename(columns=PARAMS)
     metrics = _wide(raw.metrics, metric_keys, ids).astype(float)
 
-    not_run = tags[KIND_TAG] != "run"
+    not_run = tags[KIND_TAG] != C.KIND_RUN
     if not_run.any():
         notes.append(f"ignored {int(not_run.sum())} child run(s) not tagged {KIND_TAG}=run")
     df = pd.DataFrame(index=ids)
@@ -270,8 +274,12 @@ def _tidy(raw: _Raw, metric_keys: tuple[str, ...], notes: list[str]) -> tuple[pd
     df["lr_eff"] = pd.to_numeric(df["lr_eff"], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
     df["budget_value"] = pd.to_numeric(df["budget_value"], errors="coerce")
-    diverged = (tags[STATUS_TAG] == "diverged") | (metrics["diverged"] == 1.0)
-    df["status"] = tags[STATUS_TAG].fillna(diverged.map({True: "diverged", False: "finished"}))
+    for col in ("micro_batch_size", "total_steps"):  # null in runs before these were logged
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    diverged = (tags[STATUS_TAG] == C.STATUS_DIVERGED) | (metrics[C.DIVERGED] == 1.0)
+    df["status"] = tags[STATUS_TAG].fillna(
+        diverged.map({True: C.STATUS_DIVERGED, False: C.STATUS_FINISHED})
+    )
     df["diverged"] = diverged.astype(bool)
     df = df.join(metrics.drop(columns="diverged"))
     df["_end"] = runs["end_time"].astype(float)
@@ -304,4 +312,41 @@ def _tidy(raw: _Raw, metric_keys: tuple[str, ...], notes: list[str]) -> tuple[pd
     df = df.sort_values(SORT, kind="mergesort").reset_index(drop=True)
     columns = ["run_id", *CORE[:1], *CORE[1:], "status", "diverged"]
     columns += [m for m in metric_keys if m != "diverged"]
+    columns += ["micro_batch_size", "total_steps"]
     return df[columns], n_dup
+
+
+def metric_history(tracking_uri: str, run_ids: list[str], key: str) -> pd.DataFrame:
+    """Every logged value of metric `key` for the runs: columns run_id, step, value (NaN
+    where MLflow stored NaN), sorted by run and step. SQL for database URIs, else the
+    client's per-run history."""
+    if not run_ids:
+        return pd.DataFrame({"run_id": [], "step": [], "value": []})
+    if _is_sql_uri(tracking_uri):
+        import sqlalchemy as sa
+
+        stmt = sa.text(
+            "SELECT run_uuid, step, value, is_nan FROM metrics "
+            "WHERE key = :key AND run_uuid IN :ids"
+        ).bindparams(sa.bindparam("ids", expanding=True))
+        engine = sa.create_engine(tracking_uri)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(stmt, {"key": key, "ids": list(run_ids)}).fetchall()
+        finally:
+            engine.dispose()
+        df = pd.DataFrame(rows, columns=["run_id", "step", "value", "is_nan"])
+        df["value"] = df["value"].astype(float).where(~df["is_nan"].astype(bool), np.nan)
+        df = df.drop(columns="is_nan")
+    else:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        df = pd.DataFrame(
+            [
+                (rid, m.step, m.value)
+                for rid in run_ids
+                for m in client.get_metric_history(rid, key)
+            ],
+            columns=["run_id", "step", "value"],
+        )
+    df = df.astype({"step": int, "value": float})
+    return df.sort_values(["run_id", "step"], kind="mergesort").reset_index(drop=True)

@@ -1,6 +1,7 @@
-"""`analyze`: one study's runs -> table.md/csv, summary.json, figures + CSVs, logged to MLflow.
+"""`analyze`: one study's runs -> table.md/csv, summary.json, figures + CSVs.
 
-What the CLI's `analyze` command calls. Every output names the selection rule, because
+What the CLI's `analyze` command calls (the CLI then logs the files to the study's parent
+run: this library only reads MLflow). Every output names the selection rule, because
 the paper's bracket rule is not confirmed and the two rules can disagree.
 """
 
@@ -14,8 +15,8 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from analysis import figures
-from analysis.query import load_study
+from analysis import figures, noise
+from analysis.query import load_study, metric_history
 from analysis.regimes import Regimes, b_simple, estimate
 from analysis.selection import RULES, Rule, build_cube
 from analysis.tables import (
@@ -30,7 +31,6 @@ from analysis.tables import (
     study_kind,
 )
 
-ARTIFACT_PATH = "analysis"
 RULE_TEXT = {
     "per_seed": "per_seed: each seed's best lr; mean ± std of the seeds' best metrics; "
     "median (in log2) of the seeds' optimal lrs, range min to max",
@@ -48,7 +48,6 @@ def analyze(
     selection: str = "per_seed",
     metric: str | None = None,
     direction: str | None = None,
-    log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Analyze a study and write its results under `out_dir`.
 
@@ -69,7 +68,7 @@ def analyze(
     )
     table = runs.table
     objective = default_objective(table, metric, direction)
-    kind = study_kind(table)
+    kind = "noise_scale" if noise.is_noise_scale_study(table) else study_kind(table)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -87,20 +86,16 @@ def analyze(
         "notes": "; ".join(runs.notes),
     }
     header = _header(study, experiment, runs.parent_run_id, kind, selection, objective, runs.notes)
-    if kind == "epoch_budget":
+    if kind == "noise_scale":
+        history = metric_history(tracking_uri, list(table["run_id"]), noise.METRIC)
+        body, main, files = _noise_scale(table, history, study, out_dir, summary)
+    elif kind == "epoch_budget":
         body, main, files = _epoch_budget(table, objective, rule, study, out_dir, summary)
     else:
         body, main, files = _batch_size(table, objective, rule, study, out_dir, summary)
 
     text = header + "\n\n" + body + "\n"
     files += _write(out_dir, text, main, summary)
-    if log_to_mlflow:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        # File by file: only what this call wrote, never stale files left in out_dir.
-        for path in files:
-            client.log_artifact(runs.parent_run_id, str(path), artifact_path=ARTIFACT_PATH)
     return {"summary": summary, "markdown": text, "files": files}
 
 
@@ -250,6 +245,21 @@ def _epoch_budget(
         df, "final_train_loss", "budget_value", "budget", study, out_dir, name="train_loss_vs_lr"
     )
     return epoch_budget_markdown(t), t, files
+
+
+def _noise_scale(
+    table: pd.DataFrame, history: pd.DataFrame, study: str, out_dir: Path, summary: dict[str, Any]
+) -> tuple[str, pd.DataFrame, list[Path]]:
+    curve = noise.curves(table, history)
+    t = noise.summarize(table, curve)
+    summary["groups"] = {r["optimizer"]: _clean(r) for r in t.to_dict("records")}
+    files = figures.noise_scale_vs_progress(curve, study, out_dir)
+    text = (
+        "Gradient noise scale B_simple = tr(Σ)/|G|², estimated at every evaluation over the "
+        "steps since the previous one; per run the median of its windows, per optimizer the "
+        "median over runs.\n\n" + noise.markdown(t)
+    )
+    return text, t, files
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from analysis.claims import (
     evaluate_results,
     load_result,
 )
+from analysis.figures import two_regimes
 from analysis.tables import fmt_exp
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -43,7 +44,17 @@ ROLE_TEXT = {
     "epoch_budgets": "epoch-budget sweep at one batch size: for each budget, the ε_eff that "
     "minimizes the final training loss and the one that maximizes the test metric",
 }
-KIND_TEXT = {"batch_size": "batch-size study", "epoch_budget": "epoch-budget study"}
+KIND_TEXT = {
+    "batch_size": "batch-size study",
+    "epoch_budget": "epoch-budget study",
+    "noise_scale": "gradient-noise-scale measurement",
+}
+ROLE_TEXT["noise_scale"] = (
+    "gradient noise scale: B_simple = tr(Σ)/|G|² measured along training from the "
+    "micro-batch gradients of gradient accumulation, the theory's estimate of the critical "
+    "batch size (McCandlish et al. 2018)"
+)
+LEAD = "two_regimes"  # the report's first figure, drawn from the constant-epoch study
 
 # Figures `analyze` writes, in reading order, with a caption.
 FIGURES = {
@@ -51,6 +62,7 @@ FIGURES = {
     "optimal_lr_vs_batch": "optimal effective learning rate vs batch size",
     "train_loss_vs_batch": "final training loss at the test-optimal ε_eff vs batch size",
     "lr_vs_budget": "train- and test-optimal ε_eff vs epoch budget",
+    "noise_scale_vs_progress": "measured gradient noise scale B_simple along training",
     "metric_vs_lr": "raw grid: test metric vs ε_eff",
     "train_loss_vs_lr": "raw grid: final training loss vs ε_eff",
 }
@@ -79,13 +91,21 @@ FIGURE_CLAIMS = {
     ("constant_steps", "train_loss_vs_batch"): ("large_batches_lose_at_constant_steps",),
     ("epoch_budgets", "lr_vs_budget"): ("train_optimal_lr_falls_faster",),
 }
-# The README shows these (copied as <study>_<figure>.png), and the constant-epoch table.
+# The README shows these (copied as <study>_<figure>.png) after the lead figure, and the
+# constant-epoch table.
 MAIN_FIGURES = {
-    "constant_epochs": ("optimal_lr_vs_batch", "best_metric_vs_batch"),
     "constant_steps": ("best_metric_vs_batch", "train_loss_vs_batch"),
     "epoch_budgets": ("lr_vs_budget",),
 }
 MAIN_TABLE_ROLE = "constant_epochs"
+
+LEAD_CAPTION = (
+    "Left: the optimal effective learning rate at each batch size (markers; bars: the "
+    "range over seeds), the fit ε_max/(1 + B_crit/B) per optimizer, the slope-1 guide "
+    "(ε_opt ∝ B, the noise-dominated prediction) and the measured gradient noise scale "
+    "B_simple (dotted). Right: the best test accuracy at each batch size (mean ± std over "
+    "seeds). Constant epoch budget."
+)
 
 PAPER_SCALE = (
     "a 16-4 Wide-ResNet on CIFAR-10 for 200 epochs, B from 16 to 16384, several seeds per point"
@@ -115,13 +135,84 @@ def write_report(
     claims = evaluate_results(by_role, roles)
     report = results_dir / REPORT_NAME
     results_dir.mkdir(parents=True, exist_ok=True)
-    report.write_text(render_report(studies, results, claims, roles, setting))
+    lead = draw_lead(results_dir, by_role)
+    report.write_text(render_report(studies, results, claims, roles, setting, lead))
     (results_dir / CLAIMS_NAME).write_text(claims_to_json(claims))
     if readme is not None:
         readme = Path(readme)
         figures = Path(figures_dir) if figures_dir is not None else readme.parent / "docs/figures"
-        update_readme(readme, figures, results_dir, results, claims, roles)
+        update_readme(readme, figures, results_dir, results, claims, roles, lead)
     return report
+
+
+# ---- the lead figure and the theory table ---------------------------------------------------
+
+
+def draw_lead(results_dir: Path, by_role: Mapping[str, StudyResult | None]) -> Path | None:
+    """results_dir/two_regimes.png from the constant-epoch study's figure data, with the
+    noise-scale study's B_simple marked; None (and no file) without that data."""
+    path = results_dir / f"{LEAD}.png"
+    main = by_role.get("constant_epochs")
+    lr_csv = main.path / "optimal_lr_vs_batch.csv" if main is not None else None
+    best_csv = main.path / "best_metric_vs_batch.csv" if main is not None else None
+    if main is None or not (lr_csv and lr_csv.is_file() and best_csv and best_csv.is_file()):
+        for stale in (path, path.with_suffix(".csv")):
+            stale.unlink(missing_ok=True)
+        return None
+    fits = {}
+    for series, r in main.summary.get("regimes", {}).items():
+        ok = r.get("b_crit") is not None and r.get("eps_max") is not None
+        fits[series] = (float(r["b_crit"]), float(r["eps_max"])) if ok else None
+    two_regimes(
+        pd.read_csv(lr_csv), pd.read_csv(best_csv), fits, measured_b_simple(by_role),
+        main.name, results_dir, name=LEAD,
+    )  # fmt: skip
+    return path
+
+
+def measured_b_simple(by_role: Mapping[str, StudyResult | None]) -> dict[str, float]:
+    """Per optimizer, the noise-scale study's B_simple (empty without that study)."""
+    ns = by_role.get("noise_scale")
+    if ns is None or ns.summary.get("kind") != "noise_scale":
+        return {}
+    groups = ns.summary.get("groups", {})
+    return {k: float(g["b_simple"]) for k, g in groups.items() if g.get("b_simple") is not None}
+
+
+def theory_lines(by_role: Mapping[str, StudyResult | None]) -> list[str]:
+    """Markdown: each optimizer's fitted B_crit beside its measured B_simple, with the ratio."""
+    main, ns = by_role.get("constant_epochs"), by_role.get("noise_scale")
+    if main is None or ns is None or ns.summary.get("kind") != "noise_scale":
+        return ["Needs the constant-epoch study and the noise-scale study (`noise_scale`)."]
+    groups = ns.summary.get("groups", {})
+    lines = [
+        "| optimizer | fitted B_crit (95% bootstrap interval) | measured B_simple (range over "
+        "runs) | B_crit / B_simple |",
+        "|---|---|---|---|",
+    ]
+    for series, r in sorted(main.summary.get("regimes", {}).items()):
+        g = groups.get(series, {})
+        b_crit, b_simple = r.get("b_crit"), g.get("b_simple")
+        crit = "not estimated" if b_crit is None else f"{b_crit:.3g}"
+        if b_crit is not None and r.get("b_crit_lo") is not None:
+            crit += f" ({r['b_crit_lo']:.3g} to {r['b_crit_hi']:.3g})"
+        simple = "not measured" if b_simple is None else f"{b_simple:.3g}"
+        if b_simple is not None:
+            simple += f" ({g['b_simple_lo']:.3g} to {g['b_simple_hi']:.3g})"
+        ratio = "—" if b_crit is None or not b_simple else f"{b_crit / b_simple:.2g}"
+        lines.append(f"| {series} | {crit} | {simple} | {ratio} |")
+    where = groups and next(iter(groups.values()))
+    if where:
+        lines += [
+            "",
+            f"B_simple measured at B = {where.get('batch_size')} with micro-batches of "
+            f"{where.get('micro_batch_size')}, ε_eff = {where.get('lr_eff'):g}, over the whole "
+            "budget (per run the median of its evaluation windows). The theory (McCandlish et "
+            "al. 2018) expects B_crit ≈ B_noise; B_simple equals B_noise when the Hessian is "
+            "well conditioned and lies below it otherwise, so a ratio of order one to ten is "
+            "agreement in scale.",
+        ]
+    return lines
 
 
 # ---- REPORT.md ---------------------------------------------------------------------------
@@ -133,8 +224,10 @@ def render_report(
     claims: list[Claim],
     roles: Mapping[str, str],
     setting: str | None,
+    lead: Path | None = None,
 ) -> str:
     role_of = {name: role for role, name in roles.items()}
+    by_role = {role: results.get(name) for role, name in roles.items()}
     lines = [
         "# Results: the generalization benefit of noise in SGD, at this project's scale",
         "",
@@ -149,12 +242,17 @@ def render_report(
         "",
         f"Setting: {setting}." if setting else "Setting: see params.yaml (`studies:`).",
         "",
+    ]
+    if lead is not None:
+        lines += [f"![The two regimes of SGD]({lead.name})", "", LEAD_CAPTION, ""]
+    lines += [
         "## The paper's claims at this scale",
         "",
         "| claim | study | verdict | numbers |",
         "|---|---|---|---|",
     ]
     lines += [f"| {c.title} | `{c.study}` | **{c.verdict}** | {_cell(c.detail)} |" for c in claims]
+    lines += ["", "## Theory beside the measurement", "", *theory_lines(by_role)]
     for name in studies:
         lines += ["", *_study_section(name, results.get(name), role_of.get(name), claims, setting)]
     lines += ["", "## Thresholds behind the verdicts", ""]
@@ -390,10 +488,11 @@ def update_readme(
     results: Mapping[str, StudyResult | None],
     claims: list[Claim],
     roles: Mapping[str, str],
+    lead: Path | None = None,
 ) -> None:
     """Replace the README's text between BEGIN and END (append the section if absent)."""
     text = readme.read_text() if readme.is_file() else ""
-    body = _readme_section(readme, figures_dir, results_dir, results, claims, roles)
+    body = _readme_section(readme, figures_dir, results_dir, results, claims, roles, lead)
     n_begin, n_end = text.count(BEGIN), text.count(END)
     if n_begin == n_end == 0:
         if text and not text.endswith("\n"):
@@ -417,6 +516,7 @@ def _readme_section(
     results: Mapping[str, StudyResult | None],
     claims: list[Claim],
     roles: Mapping[str, str],
+    lead: Path | None = None,
 ) -> str:
     base = readme.parent
     report = _rel(results_dir / REPORT_NAME, base)
@@ -424,6 +524,18 @@ def _readme_section(
         "<!-- Generated by analysis.reportmd.write_report (make study); edits here are "
         "overwritten. -->",
     ]
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    lead_copy = figures_dir / f"{LEAD}.png"
+    if lead is not None:
+        _copy_if_changed(lead, lead_copy)
+        lines += ["", f"![The two regimes of SGD]({_rel(lead_copy, base)})", "", LEAD_CAPTION]
+    elif lead_copy.is_file():
+        lead_copy.unlink()
+    lines += ["", f"The paper's claims at this scale (readings: [{report}]({report})):", ""]
+    lines += ["| claim | verdict | numbers |", "|---|---|---|"]
+    lines += [f"| {c.title} | **{c.verdict}** | {_cell(c.detail)} |" for c in claims]
+    by_role = {role: results.get(name) for role, name in roles.items()}
+    lines += ["", "Theory beside the measurement:", "", *theory_lines(by_role)]
     main_name = roles.get(MAIN_TABLE_ROLE, MAIN_TABLE_ROLE)
     main = results.get(main_name)
     table = main_table(main.markdown) if main is not None else None
@@ -438,10 +550,7 @@ def _readme_section(
         ]
     else:
         lines += ["", f"The main study `{main_name}` has no results yet."]
-    lines += ["", f"The paper's claims at this scale (numbers and readings: [{report}]({report})):"]
-    lines += [""] + [f"- **{c.verdict}**: {c.title}" for c in claims]
 
-    figures_dir.mkdir(parents=True, exist_ok=True)
     wanted: dict[Path, Path] = {}
     for role, figs in MAIN_FIGURES.items():
         name = roles.get(role, role)
@@ -457,12 +566,16 @@ def _readme_section(
             if old.is_file() and old not in wanted:
                 old.unlink()
     for dst, src in wanted.items():
-        data = src.read_bytes()
-        if not dst.is_file() or dst.read_bytes() != data:
-            shutil.copyfile(src, dst)
+        _copy_if_changed(src, dst)
         study = dst.stem.removesuffix("_" + src.stem)
         lines += ["", f"![{study}: {FIGURES.get(src.stem, src.stem)}]({_rel(dst, base)})"]
     return "\n".join(lines)
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    if not dst.is_file() or dst.read_bytes() != data:
+        shutil.copyfile(src, dst)
 
 
 def _rel(path: Path, base: Path) -> str:

@@ -1,4 +1,4 @@
-"""The two rules that pick an optimal learning rate from a seeds x lr grid (PAPER.md).
+"""The two rules that pick an optimal learning rate from a seeds x lr grid (docs/protocol.md).
 
 - per_seed: each seed's best lr; mean ± std of the seeds' best metrics, the median of
   their optimal lrs (in log2, since the grid is powers of two), their min-to-max range.

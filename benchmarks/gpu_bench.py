@@ -10,7 +10,7 @@ after warm-up steps:
    with channels_last.
 2. Ghost batch norm (ghost batches of 64) vs plain batch norm, same B, bf16.
 3. Packed vs unpacked at small B: K runs of WRN-16-4 (ghost norm) as one pack
-   (sgdnoise.pack.StackedModel + StackedSGD) vs K runs one after another: optimizer steps
+   (sgdnoise.models.packed.StackedModel + optim.StackedSGD) vs K runs one after another: optimizer steps
    per second summed over runs, i.e. runs per minute at a fixed run length.
 """
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from sgdnoise.config import ModelConfig
 from sgdnoise.models.build import build_model
-from sgdnoise.optim import HeavyBall
-from sgdnoise.pack import StackedModel, StackedSGD
+from sgdnoise.models.packed import StackedModel
+from sgdnoise.optim import HeavyBall, StackedSGD
 
 SHAPE, CLASSES = (3, 32, 32), 10
 

@@ -67,16 +67,16 @@ def main() -> None:
 
     import sgdnoise.data.store as store
     import sgdnoise.models.build as build
-    from sgdnoise import train as train_mod
+    from sgdnoise import loop, nets
     from sgdnoise.config import from_dict
 
     timed(store, "ensure_prepared", "data: prepare check")
     timed(store, "load_prepared", "data: load to device")
     timed(build, "build_model", "model: build")
     timed(accelerate, "Accelerator", "accelerate: set-up")
-    timed(train_mod, "_start_tracking", "mlflow: create run, params, tags, config")
-    timed(train_mod, "_finish_tracking", "mlflow: metrics, final tags, end run")
-    timed(train_mod._Evaluator, "__call__", "evaluation (train + test sets)")
+    timed(loop, "start_tracking", "mlflow: create run, params, tags, config")
+    timed(loop, "finish_tracking", "mlflow: metrics, final tags, end run")
+    timed(nets.SingleNet, "evaluate", "evaluation (train + test sets)")
 
     params = {
         "data": {"name": "mnist1d"},
@@ -98,7 +98,9 @@ def main() -> None:
         startup = min(fresh_process_time(root) for _ in range(2))
         SPENT.clear(), CALLS.clear()
         t0 = time.perf_counter()
-        result = train_mod.train(cfg, root=root)
+        from sgdnoise.train import train
+
+        result = train(cfg, root=root)
         total = time.perf_counter() - t0
     steps = result.metrics["steps"]
     training = steps * args.batch_size / result.metrics["examples_per_second"]

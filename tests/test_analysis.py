@@ -21,6 +21,7 @@ from analysis import analyze, load_study
 from analysis.regimes import estimate, fit_b_crit
 from analysis.selection import build_cube
 from analysis.tables import Objective, batch_size_table, fmt_lr
+from sgdnoise.tracking import log_analysis
 
 EXPERIMENT = "exp-analysis"
 S = 1 / math.sqrt(2)  # std (ddof=1) of two values is |a - b| / sqrt(2)
@@ -377,7 +378,6 @@ def test_epoch_budget_study(store, tmp_path, rule):
         experiment=EXPERIMENT,
         out_dir=tmp_path,
         selection=rule,
-        log_to_mlflow=False,
     )
     summary = out["summary"]
     assert summary["kind"] == "epoch_budget" and summary["selection"] == rule
@@ -409,7 +409,7 @@ def test_epoch_budget_study(store, tmp_path, rule):
 # ---- analyze: files, summary, artifacts --------------------------------------------------
 
 
-def test_analyze_writes_files_and_logs_artifacts(store, tmp_path):
+def test_analyze_writes_files_and_the_cli_logs_them(store, tmp_path):
     out = analyze(
         "bs",
         tracking_uri=store["uri"],
@@ -458,8 +458,11 @@ def test_analyze_writes_files_and_logs_artifacts(store, tmp_path):
     assert {"batch_size", "lr_opt", "lr_fit", "series"} <= set(fig_csv.columns)
     grid = pd.read_csv(tmp_path / "metric_vs_lr.csv")
     assert len(grid) == 30 and grid["n_diverged"].sum() == 1
-    # Logged to the study's (latest) parent run, not the old one.
+    # The analysis only reads: the CLI logs its files to the study's (latest) parent run,
+    # not the old one.
     client = store["client"]
+    assert client.list_artifacts(store["parents"]["bs"], "analysis") == []
+    log_analysis(store["uri"], out["summary"]["parent_run_id"], out["files"])
     logged = {
         f.path.split("/")[-1] for f in client.list_artifacts(store["parents"]["bs"], "analysis")
     }
@@ -473,7 +476,6 @@ def test_degenerate_study_reports_what_it_cannot_estimate(store, tmp_path):
         tracking_uri=store["uri"],
         experiment=EXPERIMENT,
         out_dir=tmp_path,
-        log_to_mlflow=False,
     )
     summary = out["summary"]
     # No accuracy logged: the default metric is the test loss, minimized.

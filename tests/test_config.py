@@ -38,6 +38,10 @@ BAD = [
     (["-P", "train.weight_decay=-1"], "train.weight_decay"),
     (["-P", "train.seed=-3"], "train.seed"),
     (["-P", "train.eval_points=0"], "train.eval_points"),
+    (["-P", "train.eval_subset=0"], "train.eval_subset"),
+    # SMALL's 600 MNIST-1D examples hold 480 for training: B = 481 is no batch of them.
+    (["-P", "train.batch_size=481"], "train.batch_size"),
+    (["-P", "train.batch_size=4096", "-P", "train.micro_batch_size=64"], "train.batch_size"),
     (["-P", "train.precision=fp8"], "train.precision"),
     (
         [
@@ -126,3 +130,20 @@ def test_image_size_is_part_of_what_is_trained() -> None:
     # Unset, it leaves run keys as they were before the key existed.
     assert "image_size" not in base.identity()["data"]
     assert "image_size" in small.identity()["data"]
+
+
+def test_a_sweep_with_a_batch_larger_than_the_training_set_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    study = {
+        "fixed": {"train.budget.unit": "steps", "train.budget.value": 2},
+        "grid": {"train.batch_size": [32, 480, 960], "train.lr_eff": [0.1], "train.seed": [0]},
+        "metric": {"name": "final_test_accuracy", "direction": "maximize"},
+    }
+    root = write_project(tmp_path / "proj", {**SMALL, "studies": {"too_big": study}})
+    res = cli(root, "sweep", "too_big")
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: train.batch_size: B=960 is larger than the training set "
+                           "(480 examples); allowed: an integer from 1 to 480"), line  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]  # no optuna/, no store

@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from sgdnoise.theory.noise_scale import NoiseScaleTracker, estimate
+from sgdnoise.theory.noise_scale import NoiseWindow, estimate
 
 
 def make_problem(dim: int, b_simple: float, seed: int):
@@ -57,53 +58,64 @@ def test_estimate_is_unbiased():
     assert np.mean(g_est < 0) > 0.05  # single steps really are noisy
 
 
-def test_tracker_recovers_b_simple():
-    # Known B_simple = tr(Σ)/|G|² = 32, b_small = 8 (8 micro-batches), b_big = 64.
-    # Tolerance: the tracker's averages after n ≫ 1/(1−β) steps are weighted means of
-    # independent per-step estimates; their standard deviation is the per-step one times
-    # sqrt(Σ w²) with the bias-corrected EMA weights w (≈ sqrt((1−β)/(1+β)) = 0.07 for
-    # β = 0.99). Propagating both through the ratio (delta method, with the sample
-    # covariance of the per-step estimates) gives σ_ratio; we allow 5 σ_ratio (≈ 13% here,
-    # about half the typical 25% error of a single step's ratio).
-    beta, n_steps = 0.99, 3000
+def _feed(window: NoiseWindow, micro: np.ndarray) -> None:
+    """One step of gradient accumulation as the run loop shows it to the window: after each
+    micro-batch the accumulated gradient (sum of micro-batch gradients / their number), then
+    the full one. micro: (members, micro-batches, dim)."""
+    k = micro.shape[1]
+    acc = torch.zeros(micro.shape[0], micro.shape[2], dtype=torch.float64)
+    for j in range(k):
+        acc = acc + torch.from_numpy(micro[:, j]) / k
+        window.after_micro_batch([acc.clone()], j)
+    window.after_step([acc])
+
+
+def test_window_recovers_b_simple_as_a_ratio_of_averages():
+    # Known B_simple = tr(Σ)/|G|² = 32, b_small = 8 (8 micro-batches), b_big = 64. Over a
+    # window of n steps the estimate is the ratio of the averaged |G|² and tr(Σ) estimates;
+    # its standard deviation (delta method, the per-step estimates' sample covariance / n)
+    # is σ_ratio, and we allow 5 σ_ratio.
+    n_steps = 3000
     rng, g, a = make_problem(dim=40, b_simple=32.0, seed=1)
-    small_sq, big_sq = draw_steps(rng, g, a, n_steps=n_steps, n_micro=8, b_small=8)
-    tracker = NoiseScaleTracker(beta=beta)
-    for s, b in zip(small_sq.tolist(), big_sq.tolist(), strict=True):
-        tracker.update(s, 8, b, 64)
+    z = rng.standard_normal((n_steps, 8, 8, len(g)))
+    micro = (g + z @ a.T).mean(axis=2)  # (steps, micro-batches, dim)
+    window = NoiseWindow(members=1, micro_batches=8, micro=8, batch=64)
+    for step in micro:
+        _feed(window, step[None])
+    small_sq = np.mean(np.sum(micro**2, axis=-1), axis=1)
+    big_sq = np.sum(micro.mean(axis=1) ** 2, axis=-1)
     g_est, tr_est = estimate(small_sq, 8, big_sq, 64)
-    w = (1 - beta) * beta ** np.arange(n_steps)[::-1] / (1 - beta**n_steps)
-    cov = np.cov(np.stack([g_est, tr_est])) * np.sum(w**2)
+    cov = np.cov(np.stack([g_est, tr_est])) / n_steps
     grad = np.array([-32.0 / 1.0**2, 1.0 / 1.0])  # ∂(tr/g)/∂(g, tr) at the truth
     sigma_ratio = math.sqrt(grad @ cov @ grad)
-    assert tracker.count == n_steps
-    assert tracker.b_simple == pytest.approx(32.0, abs=5 * sigma_ratio)
+    (got,) = window.estimates()
+    assert got == pytest.approx(32.0, abs=5 * sigma_ratio)
     assert 5 * sigma_ratio < 0.2 * 32.0  # the check is informative, not vacuous
-    # The tracker is the bias-corrected EMA of the per-step estimates, exactly.
-    assert tracker.g_sq == pytest.approx(float(w @ g_est), rel=1e-9)
-    assert tracker.tr_sigma == pytest.approx(float(w @ tr_est), rel=1e-9)
+    # Exactly the ratio of the averages of the per-step estimates.
+    assert got == pytest.approx(float(tr_est.mean() / g_est.mean()), rel=1e-9)
+    assert window.estimates() == [None]  # a new window: nothing measured yet
 
 
-def test_tracker_ratio_of_averages_and_edge_cases():
-    def norms(g_sq: float, tr: float, bs: int = 4, bb: int = 32):
-        return g_sq + tr / bs, bs, g_sq + tr / bb, bb
+def test_window_members_are_independent_and_edge_cases():
+    # Two members, two steps with known squared norms (one micro-batch direction each):
+    # member 0: |G|² 1 then 3 with tr(Σ) 10: the ratio of averages 10 / 2 = 5, not the
+    # average of ratios (10 + 10/3) / 2 = 6.67; member 1: |G|² <= 0, so no estimate.
+    def step(g_sq: float, tr: float) -> np.ndarray:
+        bs, bb = 4, 8
+        small, big = g_sq + tr / bs, g_sq + tr / bb
+        # Two micro-batch gradients u ± v with |u|² = big (their mean) and |u|² + |v|² =
+        # small (their mean squared norm): any orthogonal u, v will do.
+        u = np.array([math.sqrt(big), 0.0])
+        v = np.array([0.0, math.sqrt(max(small - big, 0.0))])
+        return np.stack([u + v, u - v])[None]  # (1 member, k, dim)
 
-    t = NoiseScaleTracker(beta=0.5)
-    assert t.b_simple is None and t.g_sq is None and t.tr_sigma is None
-    t.update(*norms(1.0, 10.0))
-    # Bias correction: after one update the averages are that step's estimates.
-    assert t.g_sq == pytest.approx(1.0) and t.tr_sigma == pytest.approx(10.0)
-    assert t.b_simple == pytest.approx(10.0)
-    t.update(*norms(3.0, 10.0))
-    # EMA weights after two updates with β = 0.5: (0.25, 0.5) / 0.75 = (1/3, 2/3).
-    g_avg, tr_avg = 1 / 3 * 1.0 + 2 / 3 * 3.0, 10.0
-    assert t.g_sq == pytest.approx(g_avg) and t.tr_sigma == pytest.approx(tr_avg)
-    assert t.b_simple == pytest.approx(tr_avg / g_avg)  # 4.29: ratio of averages ...
-    assert t.b_simple != pytest.approx(1 / 3 * 10.0 + 2 / 3 * 10.0 / 3.0)  # ... not 5.56
-    t.update(float("nan"), 4, 1.0, 32)  # a bad step is skipped, not averaged in
-    assert t.skipped == 1 and t.count == 2 and t.b_simple == pytest.approx(tr_avg / g_avg)
-    neg = NoiseScaleTracker()
-    neg.update(*norms(-0.5, 10.0))  # |G|² estimate ≤ 0: B_simple undefined
-    assert neg.b_simple is None and neg.tr_sigma == pytest.approx(10.0)
-    with pytest.raises(ValueError):
-        NoiseScaleTracker(beta=1.0)
+    window = NoiseWindow(members=2, micro_batches=2, micro=4, batch=8)
+    for g_sq in (1.0, 3.0):
+        _feed(window, np.concatenate([step(g_sq, 10.0), step(-0.5, 10.0)]))
+    first, second = window.estimates()
+    assert first == pytest.approx(10.0 / 2.0) and first != pytest.approx(6.67, abs=0.01)
+    assert second is None
+    state = window.state(0)
+    assert state["steps"] == 0 and state["sums"].tolist() == [0.0, 0.0, 0.0]
+    window.select([1])
+    assert window.sums.shape == (1, 3)

@@ -22,7 +22,7 @@ from sgdnoise.theory.nqm import (
 
 
 def sgd_closed_form(h: float, c: float, lr: float, batch: int, theta0_sq: float, t: np.ndarray):
-    """PAPER.md: E[ℓ_t] = (1 − αh)^{2t} ℓ_0 + α c / (2B (2 − αh)) · (1 − (1 − αh)^{2t}).
+    """docs/protocol.md: E[ℓ_t] = (1 − αh)^{2t} ℓ_0 + α c / (2B (2 − αh)) · (1 − (1 − αh)^{2t}).
 
     With ℓ = ½ h E[θ²]: the recursion E[θ²]' = (1 − αh)² E[θ²] + α² c/B has fixed point
     α² c / (B (1 − (1 − αh)²)) = α c / (B h (2 − αh)); times ½ h gives the constant above.
@@ -32,7 +32,7 @@ def sgd_closed_form(h: float, c: float, lr: float, batch: int, theta0_sq: float,
 
 
 def momentum_steady_state(h: float, c: float, lr: float, batch: int, beta: float) -> float:
-    """PAPER.md (Zhang et al.): ℓ_∞ = (1 + β) α c / (2B (1 − β)(2β + 2 − αh)), ℓ = ½ h E[θ²]."""
+    """docs/protocol.md (Zhang et al.): ℓ_∞ = (1 + β) α c / (2B (1 − β)(2β + 2 − αh)), ℓ = ½ h E[θ²]."""
     return (1 + beta) * lr * c / (2 * batch * (1 - beta) * (2 * beta + 2 - lr * h))
 
 

@@ -222,10 +222,10 @@ def test_pack_keys_and_default_sizes() -> None:
         return default_pack_size(cfg, forward_flops(cfg, (40,), 10))
 
     # Small models and batches pack many runs; an arithmetic-bound step packs none.
-    assert size(16, 32) == MAX_PACK["cpu"]
-    assert 1 < size(256, 32) < size(16, 32)  # the pack's own step stays cheap
-    assert 1 < size(16, 256) < size(16, 32)
-    assert size(64, 256) == 1 and size(4096, 32) == 1  # a member's step is arithmetic-bound
+    assert size(16, 32) == size(16, 256) == MAX_PACK["cpu"]
+    assert 1 < size(4096, 32) < size(16, 32)  # the pack's own step stays cheap
+    assert size(64, 256) == 8 and size(128, 256) == 4  # the default MLP, as measured
+    assert size(256, 256) == 1 and size(8192, 32) == 1  # a member's step is arithmetic-bound
     assert forward_flops(configs([(0.1, 0)], **{"model.width": 32})[0], (40,), 10) == 2 * (
         40 * 32 + 32 * 32 + 32 * 10
     )  # multiply-adds of the three layers, 2 FLOPs each

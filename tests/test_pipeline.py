@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets", "nqm")
+STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets", "noise_scale", "nqm")
 
 
 def shrunken_params() -> dict:
@@ -28,7 +28,7 @@ def shrunken_params() -> dict:
     studies = params["studies"]
     for name in STUDIES:
         study = studies[name]
-        grid = {**study["grid"], **small}
+        grid = {**study["grid"], **{k: v for k, v in small.items() if k not in study["fixed"]}}
         if "train.batch_size" in grid:
             grid["train.batch_size"] = [32, 128]
         if "train.optimizer" in grid:
@@ -40,6 +40,8 @@ def shrunken_params() -> dict:
         study["grid"] = grid
         study["edges"] = {**study.get("edges", {}), "extend": False}
         fixed = study.get("fixed", {})
+        if name == "noise_scale":  # accumulation over micro-batches of a B the data holds
+            fixed.update({"train.batch_size": 64, "train.micro_batch_size": 16})
         if fixed.get("train.budget.unit") == "steps":
             fixed["train.budget.value"] = 200 if name == "nqm" else 20
         elif "train.budget.value" in fixed:
@@ -86,11 +88,22 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(pipeline: Path) -
         summary = json.loads((pipeline / "results" / name / "summary.json").read_text())
         assert summary["study"] == name and summary["groups"]
         table = (pipeline / "results" / name / "table.md").read_text()
-        assert "|" in table and "2^" in table
+        assert "|" in table and ("2^" in table or name == "noise_scale")
         assert list((pipeline / "results" / name).glob("*.png"))
     assert (pipeline / "docs/figures/nqm_optimal_lr_vs_batch.png").is_file()
+    noise = json.loads((pipeline / "results/noise_scale/summary.json").read_text())
+    assert noise["kind"] == "noise_scale" and set(noise["groups"]) == {"momentum"}
+    assert noise["groups"]["momentum"]["b_simple"] > 0
+    assert noise["groups"]["momentum"]["micro_batch_size"] == 16
     report = (pipeline / "results/REPORT.md").read_text()
     assert all(name in report for name in STUDIES)
+    # The report leads with the two-regime figure, then the claims, then theory vs runs.
+    lead = report.index("](two_regimes.png)")
+    assert lead < report.index("## The paper's claims") < report.index("## Theory beside")
+    assert (pipeline / "results/two_regimes.png").is_file()
+    assert (pipeline / "docs/figures/two_regimes.png").is_file()
+    theory = report[report.index("## Theory beside") :].split("\n## ")[0]
+    assert "| momentum |" in theory and "B_crit / B_simple" in theory
     readme = (pipeline / "README.md").read_text()
     assert "(not generated yet" not in readme and "<!-- study:end -->" in readme
     metrics = _run(pipeline, "dvc", "metrics", "show", "--json")

@@ -99,7 +99,7 @@ PAPER = {
         opt_lr=lambda o, b: min(log2(b) - 6, 2),
         peak=lambda o, b: {
             "sgd": {512: 0.88, 1024: 0.85, 2048: 0.80, 4096: 0.74},
-            "momentum": {1024: 0.89, 2048: 0.87, 4096: 0.84},
+            "momentum": {512: 0.885, 1024: 0.88, 2048: 0.87, 4096: 0.84},
         }[o].get(b, 0.90),
         train_loss=lambda o, b: 0.02 * log2(b),
         unit="epochs",
@@ -161,7 +161,6 @@ def analyze_all(tables: dict[str, pd.DataFrame], results: Path, figures: bool = 
                 tracking_uri="sqlite:///unused.db",
                 experiment="exp-report",
                 out_dir=results / study,
-                log_to_mlflow=False,
             )
     return results
 
@@ -194,7 +193,8 @@ def test_every_claim_holds_in_the_papers_world(paper):
     assert all(abs(flat[s]["slope"]) < 0.2 for s in OPTIMIZERS)
     acc = claims["accuracy_flat_then_falls"].numbers["sgd"]
     assert acc["largest_batch_size"] == 4096 and acc["drop"] == pytest.approx(0.16)
-    assert acc["drop_in_seed_std"] > 20 and acc["flat_batch_sizes"][:2] == [16, 32]
+    assert acc["drop_in_seed_std"] > 20 and acc["flat_batch_sizes"] == [16, 32, 64, 128, 256]
+    assert rise["sgd"]["flat_batch_sizes"] == acc["flat_batch_sizes"]
     mom = claims["momentum_only_helps_at_large_b"].numbers
     assert mom["rows"][-1]["momentum_advantage"] == pytest.approx(0.10)
     assert all(abs(r["momentum_advantage"]) < 1e-9 for r in mom["rows"][:3])
@@ -212,7 +212,9 @@ def test_no_claim_holds_in_a_contrary_world(contrary):
     assert {k: c.verdict for k, c in claims.items()} == dict.fromkeys(claims, FAILS), {
         k: c.detail for k, c in claims.items()
     }
-    assert "does not grow with B" in claims["lr_rises_at_small_b"].detail
+    assert "slope -0.50 over B = 16 to 4096 (flat test metric); not near 1" in (
+        claims["lr_rises_at_small_b"].detail
+    )
     assert claims["lr_flat_at_large_b"].numbers["sgd"]["slope"] == pytest.approx(-0.5, abs=0.1)
     # Momentum's accuracy does fall; SGD's does not, and one series missing is a miss.
     assert claims["accuracy_flat_then_falls"].numbers["momentum"]["drop"] == pytest.approx(0.03)
@@ -254,14 +256,36 @@ def test_missing_or_degenerate_data_cannot_be_told(paper, tmp_path):
     _edit_summary(results / "constant_steps/summary.json", trains_worse)
     claims = {c.key: c for c in evaluate(results)}
     assert {k: c.verdict for k, c in claims.items()} == dict.fromkeys(claims, UNKNOWN)
-    assert "sgd (cannot tell): B_crit not estimated" in claims["lr_rises_at_small_b"].detail
-    assert "momentum (cannot tell): slope 1.00 over B = 16 to 256, from 1 seed(s) only" in (
+    assert "sgd (cannot tell): B_crit not estimated" in claims["lr_flat_at_large_b"].detail
+    assert "sgd (cannot tell): no seed std at B = 4096" in claims["lr_rises_at_small_b"].detail
+    assert "momentum (cannot tell): no seed std at B = 16 (single seed)" in (
         claims["lr_rises_at_small_b"].detail
     )
     assert "single seed" in claims["accuracy_flat_then_falls"].detail
     assert "single seed" in claims["momentum_only_helps_at_large_b"].detail
     assert "not a generalization gap" in claims["large_batches_lose_at_constant_steps"].detail
     assert "'epoch_budgets' has no results" in claims["train_optimal_lr_falls_faster"].detail
+
+
+def test_a_short_flat_region_leaves_the_slope_untold_and_fails_flatness(paper, tmp_path):
+    """ε_opt ∝ B is measured where accuracy is flat: with two flat batch sizes there is no
+    noise-dominated region of three to measure it over, and flatness itself fails."""
+
+    def falls_early(s: dict) -> None:
+        for series in OPTIMIZERS:
+            for b in (64, 128, 256):
+                s["groups"][f"{series}/B={b}"]["metric_mean"] = 0.87
+
+    results = shutil.copytree(paper, tmp_path / "results")
+    _edit_summary(results / "constant_epochs/summary.json", falls_early)
+    claims = {c.key: c for c in evaluate(results)}
+    rise = claims["lr_rises_at_small_b"]
+    assert rise.verdict == UNKNOWN, rise.detail
+    assert "flat over B = 16, 32 only" in rise.detail
+    assert rise.numbers["sgd"]["flat_batch_sizes"] == [16, 32]
+    flat = claims["accuracy_flat_then_falls"]
+    assert flat.verdict == FAILS and "only (needs 3 batch sizes)" in flat.detail
+    assert claims["lr_flat_at_large_b"].verdict == HOLDS  # B_crit's side is untouched
 
 
 def test_an_optimum_at_the_grid_edge_makes_a_slope_untellable(paper, contrary, tmp_path):
@@ -322,11 +346,15 @@ def test_report_and_readme(paper, tmp_path):
     main = [r for r in (results / "constant_epochs/table.md").read_text().splitlines()]
     assert all(r in section for r in main if r.startswith("| sgd | 4096"))
     assert "Regimes" not in section  # the main table only
-    assert f"- **{HOLDS}**: Momentum no better than SGD" in section
+    assert f"| Momentum the same as SGD at small B, better at large B | **{HOLDS}** |" in section
     assert "](results/REPORT.md)" in section
+    # It leads with the two-regime figure, then the claims, then theory vs measurement.
+    lead = section.index("](docs/figures/two_regimes.png)")
+    assert lead < section.index("The paper's claims") < section.index("Theory beside")
+    assert section.index("Theory beside") < section.index("| sgd | 4096")
+    assert (tmp_path / "docs/figures/two_regimes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](two_regimes.png)" in report and (results / "two_regimes.csv").is_file()
     for name in (
-        "constant_epochs_optimal_lr_vs_batch",
-        "constant_epochs_best_metric_vs_batch",
         "constant_steps_best_metric_vs_batch",
         "constant_steps_train_loss_vs_batch",
         "epoch_budgets_lr_vs_budget",
@@ -349,13 +377,12 @@ def test_readme_without_markers_gets_a_section_and_bad_markers_raise(paper, tmp_
     text = readme.read_text()
     assert text.startswith("# Project\n\nNo markers here.\n\n## Current results\n\n" + BEGIN)
     assert text.endswith(END + "\n")
-    assert "](figs/constant_epochs_optimal_lr_vs_batch.png)" in text
+    assert "](figs/two_regimes.png)" in text
     # Studies not in the list: their figures are not shown, their claims cannot be told.
-    assert sorted(p.name for p in figures.iterdir()) == [
-        "constant_epochs_best_metric_vs_batch.png",
-        "constant_epochs_optimal_lr_vs_batch.png",
-    ]
-    assert f"- **{UNKNOWN}**: growing epoch budget" in text
+    assert sorted(p.name for p in figures.iterdir()) == ["two_regimes.png"]
+    assert "| growing epoch budget: the train-optimal ε_eff falls faster than the " in text
+    assert f"test-optimal one | **{UNKNOWN}** |" in text
+    assert "Needs the constant-epoch study and the noise-scale study" in text
 
     readme.write_text(f"{END}\n{BEGIN}\n")
     with pytest.raises(ValueError, match="expected one"):

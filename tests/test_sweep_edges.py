@@ -25,7 +25,7 @@ def simulate(objective, exps: range, seeds: int, r: EdgeRules) -> tuple[dict, in
         outs = []
         for s in range(seeds):
             value, diverged = objective(lr, s)
-            outs.append(Outcome(edges.DONE, diverged, {ACC.name: value}))
+            outs.append(Outcome(edges.DONE, diverged, {ACC.name: value}, seed=s))
         group[lr] = outs
 
     for e in exps:
@@ -84,6 +84,25 @@ def test_off_or_pending_or_failed_means_no_extension() -> None:
     assert edges.extensions(pending, initial=(1.0, 2.0), ratio=2.0, rules=rules()) == []
     failed = {**group, 2.0: [*better, Outcome(edges.FAILED)]}
     assert edges.extensions(failed, initial=(1.0, 2.0), ratio=2.0, rules=rules()) == []
+
+
+def test_one_seed_best_at_the_edge_extends_though_the_seed_mean_is_interior() -> None:
+    # The analysis' per_seed rule reports each seed's optimum: seed 1 peaks at the top lr
+    # while the seed-mean peaks inside, so the top is only a bound for that seed.
+    def o(*accs: float) -> list[Outcome]:
+        return [Outcome(edges.DONE, False, {ACC.name: a}, seed=i) for i, a in enumerate(accs)]
+
+    group = {1.0: o(0.5, 0.5), 2.0: o(0.9, 0.7), 4.0: o(0.6, 0.75)}
+    assert edges.best_lr(group, ACC) == 2.0  # seed-mean: 0.8 at 2, 0.675 at 4
+    assert edges.seed_bests(group, ACC) == [2.0, 4.0]
+    assert edges.extensions(group, initial=(1.0, 4.0), ratio=2.0, rules=rules()) == [8.0]
+    agree = {1.0: o(0.5, 0.5), 2.0: o(0.9, 0.8), 4.0: o(0.6, 0.7)}
+    assert edges.extensions(agree, initial=(1.0, 4.0), ratio=2.0, rules=rules()) == []
+    # Outcomes without a seed (a grid with no seed axis): the seed-mean alone decides.
+    anonymous = {
+        lr: [Outcome(x.state, x.diverged, x.metrics) for x in v] for lr, v in group.items()
+    }
+    assert edges.extensions(anonymous, initial=(1.0, 4.0), ratio=2.0, rules=rules()) == []
 
 
 def test_several_metrics_extend_where_any_optimum_sits_at_an_edge() -> None:

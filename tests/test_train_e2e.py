@@ -126,3 +126,33 @@ def test_torchvision_formats_train_a_few_steps(project: Path) -> None:
         assert ("final_test_accuracy" in out) == (model != "autoencoder")
         meta = json.loads((project / "data/prepared" / data / "meta.json").read_text())
         assert meta["n_train"] == 64 and meta["n_test"] == 32
+
+
+def test_full_batch_gradient_descent_says_so_in_its_params(project: Path) -> None:
+    out = _result(cli(project, "train", "-P", "train.batch_size=480", "--json"))
+    assert out["status"] == "finished" and out["steps"] == 20.0
+    assert out["epochs"] == 20.0  # every step sees the whole training set
+    params = MlflowClient(tracking_uri(project)).get_run(out["run_id"]).data.params
+    assert params["derived.full_batch"] == "True" and params["derived.n_train"] == "480"
+    small = _result(cli(project, "train", "-P", "train.batch_size=479", "--json"))
+    params = MlflowClient(tracking_uri(project)).get_run(small["run_id"]).data.params
+    assert params["derived.full_batch"] == "False"
+
+
+def test_curves_on_a_subset_leave_the_run_and_its_final_metrics_unchanged(project: Path) -> None:
+    """train.eval_subset: evaluations before the last use a fixed subset of each split; the
+    training itself and the final (full-set) metrics are those of a full-set run."""
+    args = ["train", "--json", "-P", "train.eval_points=4"]
+    full = _result(cli(project, *args))
+    sub = _result(cli(project, *args, "-P", "train.eval_subset=50"))
+    assert sub["state_sha256"] == full["state_sha256"]
+    for key in ("final_train_loss", "final_test_loss", "final_test_accuracy"):
+        assert sub[key] == full[key], key
+    mlf = MlflowClient(tracking_uri(project))
+    curve = {m.step: m.value for m in mlf.get_metric_history(sub["run_id"], "test_accuracy")}
+    full_curve = {m.step: m.value for m in mlf.get_metric_history(full["run_id"], "test_accuracy")}
+    assert sorted(curve) == sorted(full_curve) == [0, 5, 10, 15, 20]
+    assert curve[20] == full_curve[20]  # the final evaluation: full sets
+    # 50 of 120 test examples: accuracies in steps of 1/50, unlike the full set's 1/120.
+    assert all(abs(curve[s] * 50 - round(curve[s] * 50)) < 1e-6 for s in (0, 5, 10, 15))
+    assert any(abs(full_curve[s] * 50 - round(full_curve[s] * 50)) > 1e-6 for s in (0, 5, 10, 15))

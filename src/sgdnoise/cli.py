@@ -259,11 +259,14 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
             selection=args.selection,
             metric=metric.get("name"),
             direction=metric.get("direction"),
-            log_to_mlflow=not args.no_log,
         )
     except LookupError as e:
         print(f"error: {args.study}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not args.no_log:
+        from sgdnoise.tracking import log_analysis
+
+        log_analysis(resolve_uri(cfg), res["summary"]["parent_run_id"], res["files"])
     print(res["markdown"])
     print(f"wrote {out}", file=sys.stderr)
     return 0

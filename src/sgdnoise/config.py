@@ -133,6 +133,14 @@ class TrainConfig:
     seed: int = spec(0, int, check=lambda v: v >= 0, allowed="an integer >= 0")
     # Evaluation points spread evenly over the run (step 0 included), plus the final one.
     eval_points: int = spec(10, int, check=_positive, allowed="an integer >= 1")
+    # Evaluations before the final one use this many examples of each split (a fixed random
+    # subset, the same for every run), which keeps curves cheap at small B; the final
+    # evaluation always uses the full sets. null: full sets throughout. Part of a run's
+    # identity only when set (divergence at an evaluation is judged on what it measured).
+    eval_subset: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null (full sets)",
+        identity="when_set",
+    )  # fmt: skip
     eval_batch_size: int = spec(
         2048, int, check=_positive, allowed="an integer >= 1", identity=False
     )
@@ -492,6 +500,17 @@ def _resolve(cfg: Config, processes: int) -> Config:
     if t.optimizer == "sgd":
         t = replace(t, momentum=0.0)  # recorded as used: plain SGD has no momentum
     return replace(cfg, model=m, train=t)
+
+
+def check_batch_size(cfg: Config, n_train: int) -> None:
+    """B against the training set: larger is an error; equal is full-batch gradient descent
+    (every step the exact gradient of the training loss: the noise-free reference)."""
+    B = cfg.train.batch_size
+    if B > n_train:
+        raise ConfigError(
+            "train.batch_size", f"B={B} is larger than the training set ({n_train} examples)",
+            f"an integer from 1 to {n_train} (B = {n_train} is full-batch gradient descent)",
+        )  # fmt: skip
 
 
 def accumulation_steps(cfg: Config, processes: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sgdnoise import __version__
+from sgdnoise import contract as C
 from sgdnoise.config import Config
 from sgdnoise.paths import default_tracking_uri, project_root
 
@@ -29,7 +30,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-TAG = "sgdnoise."
+TAG = C.TAG
 FLUSH_SECONDS = 60.0
 
 
@@ -233,8 +234,8 @@ def provenance_tags(
 ) -> dict[str, str]:
     commit = git_commit(root)
     return {
-        TAG + "kind": "run",
-        TAG + "run_key": cfg.run_key,
+        C.KIND: C.KIND_RUN,
+        C.RUN_KEY: cfg.run_key,
         TAG + "data_checksum": data_checksum,
         TAG + "git_commit": commit,
         "mlflow.source.git.commit": commit,
@@ -264,7 +265,7 @@ def run_name(cfg: Config) -> str:
 # sgdnoise.grid_hash=<hash>; its grid points are child runs (mlflow.parentRunId) created by
 # train(). Found again by those tags, so re-running a sweep resumes under the same parent.
 
-STUDY_TAGS = (TAG + "kind", TAG + "study", TAG + "grid_hash")
+STUDY_TAGS = (C.KIND, C.STUDY, C.GRID_HASH)
 
 
 def study_run(
@@ -294,19 +295,19 @@ def study_run(
     exp = experiment_id(mlf, experiment, root)
     found = mlf.search_runs(
         [exp],
-        filter_string=f"tags.`{TAG}kind` = 'study' and tags.`{TAG}grid_hash` = '{grid_hash}'",
+        filter_string=f"tags.`{C.KIND}` = '{C.KIND_STUDY}' and tags.`{C.GRID_HASH}` = '{grid_hash}'",
         run_view_type=ViewType.ACTIVE_ONLY,
         order_by=["attributes.start_time DESC"],
         max_results=100,
     )
     # Study names are matched here rather than in the filter: they may hold quotes.
-    found = [r for r in found if r.data.tags.get(TAG + "study") == study]
+    found = [r for r in found if r.data.tags.get(C.STUDY) == study]
     if found:
         return found[0].info.run_id
     all_tags = {
-        TAG + "kind": "study",
-        TAG + "study": study,
-        TAG + "grid_hash": grid_hash,
+        C.KIND: C.KIND_STUDY,
+        C.STUDY: study,
+        C.GRID_HASH: grid_hash,
         TAG + "git_commit": git_commit(root or project_root()),
         **(tags or {}),
     }
@@ -339,11 +340,11 @@ def child_runs(
     """Active child runs of a study run, optionally one grid point's or one trial's."""
     from mlflow.entities import ViewType
 
-    filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    filt = f"tags.`{C.PARENT}` = '{parent_run_id}'"
     if run_key is not None:
-        filt += f" and tags.`{TAG}run_key` = '{run_key}'"
+        filt += f" and tags.`{C.RUN_KEY}` = '{run_key}'"
     if trial_number is not None:
-        filt += f" and tags.`{TAG}trial_number` = '{trial_number}'"
+        filt += f" and tags.`{C.TRIAL_NUMBER}` = '{trial_number}'"
     return list(
         client(uri).search_runs(
             [client(uri).get_run(parent_run_id).info.experiment_id],
@@ -363,7 +364,7 @@ def finished_child(
     this; adopting it instead of training again keeps the point at one finished run."""
     for run in child_runs(uri, parent_run_id, run_key=run_key):
         if run.info.status == "FINISHED":
-            status = run.data.tags.get(TAG + "status", "finished")
+            status = run.data.tags.get(C.STATUS, C.STATUS_FINISHED)
             return run.info.run_id, dict(run.data.metrics), status
     return None
 
@@ -394,6 +395,14 @@ def log_study_summary(
         metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )
+
+
+def log_analysis(uri: str, run_id: str, files: list[Path], artifact_path: str = "analysis") -> None:
+    """An analysis' files as artifacts of the study's parent run, file by file: only what
+    that analysis wrote, never stale files left in its folder."""
+    mlf = client(uri)
+    for path in files:
+        mlf.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def release_connections(uri: str) -> None:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from sgdnoise.config import ConfigError, DataConfig
+from sgdnoise.data.files import META, sha256_file
 from sgdnoise.data.memmap import LAYOUT, npy_record
-from sgdnoise.data.prepare import META, sha256_file
 from sgdnoise.data.sources import channel_stats_from_counts, identity, normalization
 from sgdnoise.paths import resolve_under_root
 

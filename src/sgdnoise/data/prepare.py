@@ -9,7 +9,6 @@ DVC outputs and mtimes stay stable across repeated runs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -21,19 +20,11 @@ from typing import Any
 import torch
 
 from sgdnoise.config import DataConfig
+from sgdnoise.data import imagefolder
+from sgdnoise.data.files import META, TENSORS, sha256_file
 from sgdnoise.data.memmap import LAYOUT, npy_problem
 from sgdnoise.data.sources import Source, identity, load_source
 from sgdnoise.paths import prepared_dir
-
-TENSORS, META = "tensors.pt", "meta.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
@@ -89,8 +80,6 @@ def prepare(cfg: DataConfig, root: Path | None = None) -> Path:
 def _writer(cfg: DataConfig, root: Path | None) -> Callable[[Path], None]:
     """What fills the new folder. Reads (or for an ImageFolder, lists) the source first, so
     missing files raise ConfigError before anything is created."""
-    from sgdnoise.data import imagefolder  # imports this module: imported here, not above
-
     if cfg.name in imagefolder.FOLDERS:
         found = imagefolder.scan(cfg, root)
         return lambda folder: imagefolder.write(folder, found, cfg)

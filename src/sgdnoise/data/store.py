@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from sgdnoise.config import ConfigError, DataConfig
+from sgdnoise.data.files import META, TENSORS
 from sgdnoise.data.memmap import LAYOUT, MemmapImages, npy_problem
-from sgdnoise.data.prepare import META, TENSORS, locked, prepare
+from sgdnoise.data.prepare import locked, prepare
 from sgdnoise.data.sources import identity
 
 
@@ -123,6 +124,25 @@ def _inputs(x: torch.Tensor, norm: dict[str, Any] | None) -> torch.Tensor:
 def ensure_prepared(cfg: DataConfig, root: Path | None = None) -> Path:
     """The prepared folder for `cfg`, (re)preparing it when missing or stale."""
     return prepare(cfg, root)
+
+
+def train_size(cfg: DataConfig, root: Path | None = None) -> int:
+    """Examples in the training set of `cfg`, writing nothing: from the prepared folder's
+    meta.json when it is current, else by reading (or generating) the source in memory, or
+    listing an ImageFolder copy. Raises ConfigError when the source files are missing."""
+    from sgdnoise.data import imagefolder
+    from sgdnoise.data.prepare import is_current, read_meta
+    from sgdnoise.data.sources import load_source
+    from sgdnoise.paths import prepared_dir
+
+    folder = prepared_dir(cfg.name, root)
+    if is_current(folder, cfg):
+        meta = read_meta(folder)
+        assert meta is not None
+        return int(meta["n_train"])
+    if cfg.name in imagefolder.FOLDERS:
+        return len(imagefolder.scan(cfg, root).train)
+    return len(load_source(cfg, root).train_y)
 
 
 def load(

@@ -30,6 +30,49 @@ class NotPackable(ValueError):
     """The model holds a layer with parameters that has no packed counterpart."""
 
 
+class _PackedLinearFn(torch.autograd.Function):
+    """(K·n, in) -> (K·n, out), member k's rows times member k's (in, out) matrix.
+
+    Written out so that its output is a tensor of its own, not a view of bmm's result: the
+    models' in-place ReLU on such a view makes autograd hand bmm's backward gradients with
+    odd strides, and CPU bmm then copies every member's matrix (about 10x slower)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # what autocast does to (b)addbmm: cast all
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        K, fan_in, fan_out = weight.shape
+        h = x.reshape(K, -1, fan_in)
+        out = x.new_empty(x.shape[0], fan_out)
+        with torch.autocast(device, enabled=False):
+            if bias is not None:
+                torch.baddbmm(bias.unsqueeze(1), h, weight, out=out.view(K, -1, fan_out))
+            else:
+                torch.bmm(h, weight, out=out.view(K, -1, fan_out))
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        K, fan_in, fan_out = weight.shape
+        g = grad.to(h.dtype).contiguous().view(K, -1, fan_out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(g, weight.transpose(1, 2)).view(-1, fan_in).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(h.transpose(1, 2), g).to(w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(1).to(b_dtype)
+        return grad_x, grad_w, grad_b
+
+
 class PackedLinear(nn.Module):
     # Stored transposed, (K, in, out): bmm then reads each member's matrix contiguously.
     transposed = ("weight",)
@@ -40,13 +83,9 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(bias.clone()) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K, fan_in, fan_out = self.weight.shape
-        h = x.reshape(K, -1, fan_in)
-        if self.bias is not None:
-            out = torch.baddbmm(self.bias.unsqueeze(1), h, self.weight)
-        else:
-            out = torch.bmm(h, self.weight)
-        return out.reshape(*x.shape[:-1], fan_out)
+        out = _PackedLinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        # A view only where needed (inputs of more than two dims): see _PackedLinearFn.
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class PackedConv(nn.Module):
@@ -188,3 +227,67 @@ def transposed_names(packed: nn.Module) -> set[str]:
         for m, mod in packed.named_modules()
         for t in getattr(mod, "transposed", ())
     }
+
+
+class StackedModel:
+    """K copies of one architecture as one packed module (sgdnoise.models.packed)."""
+
+    def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]]):
+        self.template = template  # holds the structure; loaded with a member to evaluate it
+        self.module = pack_model(template, states)
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.state_names = list(template.state_dict().keys())
+        self.transposed = transposed_names(self.module)
+        self.size = len(states)
+        self.params = self._params()
+
+    def _params(self) -> list[torch.Tensor]:
+        """The stacked parameters, in the template's parameter order."""
+        return [self.module.get_parameter(n) for n in self.param_names]
+
+    def to_leaf(self, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        """A stacked tensor in the template's layout -> the packed module's layout."""
+        return stacked.transpose(-1, -2).contiguous() if name in self.transposed else stacked
+
+    def view(self, name: str, leaf: torch.Tensor) -> torch.Tensor:
+        """A packed tensor as the template lays it out (transposed back where stored so)."""
+        return leaf.transpose(-1, -2) if name in self.transposed else leaf
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (K, N, ...) -> (K, N, ...), member k on its own inputs x[k]."""
+        out = self.module(x.reshape(-1, *x.shape[2:]))
+        return out.view(self.size, -1, *out.shape[1:])
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, ...) -> (K, N, ...), every member on the same inputs."""
+        return self(x.unsqueeze(0).expand(self.size, *x.shape))
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's state dict, with the keys and layouts of the unpacked model."""
+        state = self.module.state_dict()
+        return {n: self.view(n, state[n])[k].detach().clone(memory_format=torch.contiguous_format)
+                for n in self.state_names}  # fmt: skip
+
+    def load_member(self, k: int) -> nn.Module:
+        """The template module holding member k's state (for a single-member evaluation)."""
+        self.template.load_state_dict(self.member_state(k))
+        return self.template
+
+    @torch.no_grad()
+    def select(self, keep: list[int]) -> None:
+        """Keep only the members at `keep` (in that order)."""
+        index = torch.tensor(keep, device=self.params[0].device)
+        for module in self.module.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(p.index_select(0, index)))
+            for name, b in list(module.named_buffers(recurse=False)):
+                setattr(module, name, b.index_select(0, index))
+        self.size = len(keep)
+        self.params = self._params()

@@ -5,8 +5,8 @@ seed. Within a group:
 
 - **extend**: when the best learning rate (the seed-mean of the selection metric, a
   diverged run counting as the worst value, ties going to the smaller lr as in the
-  analysis) sits at the top or bottom of the group's learning rates, one more power is
-  added beyond it, for every seed, until the optimum is interior or `max_extensions`
+  analysis), or any seed's own best, sits at the top or bottom of the group's learning
+  rates, one more power is added beyond it, for every seed, until the optimum is interior or `max_extensions`
   steps were taken in that direction. A top lr at which every seed diverged can never be
   the best, so the grid never grows past an all-diverged learning rate.
 - **skip_diverged**: a learning rate above one is skipped when a smaller learning rate
@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sgdnoise.sweep.spec import EdgeRules, Metric
 
@@ -36,6 +37,7 @@ class Outcome:
     state: str  # pending | done | skipped | failed
     diverged: bool = False
     metrics: Mapping[str, float | None] = field(default_factory=dict)
+    seed: Any = None  # the point's seed (None without a seed axis)
 
 
 def all_diverged(outcomes: Sequence[Outcome]) -> bool:
@@ -95,14 +97,27 @@ def extensions(
     down = sum(1 for lr in group if lr < lo * (1 - 1e-9))
     out: set[float] = set()
     for metric in rules.metrics:
-        best = best_lr(group, metric)
-        if best is None:
-            continue
-        if best == ran[-1] and up < rules.max_extensions and not all_diverged(group[best]):
-            out.add(_step(best, ratio, +1))
-        if best == ran[0] and down < rules.max_extensions:
-            out.add(_step(best, ratio, -1))
+        # The seed-mean's best and each seed's own: the analysis' per_seed rule reports the
+        # seeds' optima, so an optimum of any seed at the edge is only a bound too.
+        for best in {best_lr(group, metric), *seed_bests(group, metric)}:
+            if best is None:
+                continue
+            if best == ran[-1] and up < rules.max_extensions and not all_diverged(group[best]):
+                out.add(_step(best, ratio, +1))
+            if best == ran[0] and down < rules.max_extensions:
+                out.add(_step(best, ratio, -1))
     return sorted(x for x in out if not _contains(group, x))
+
+
+def seed_bests(group: Mapping[float, Sequence[Outcome]], metric: Metric) -> list[float | None]:
+    """Each seed's best learning rate among those that ran for it (outcomes that name no
+    seed count only as part of the seed-mean)."""
+    by_seed: dict[Any, dict[float, list[Outcome]]] = {}
+    for lr, outcomes in group.items():
+        for o in outcomes:
+            if o.seed is not None:
+                by_seed.setdefault(o.seed, {})[lr] = [o]
+    return [best_lr(runs, metric) for _, runs in sorted(by_seed.items(), key=lambda kv: str(kv[0]))]
 
 
 def _step(lr: float, ratio: float, direction: int) -> float:

@@ -29,13 +29,9 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from optuna.trial import FrozenTrial, TrialState
-
-if TYPE_CHECKING:
-    from sgdnoise.sweep.storage import PostgresSweepStorage
-
+from optuna.trial import FrozenTrial
 
 # A worker's file names the trials it holds, one id per line (a pack holds up to a few
 # dozen); read in one go.
@@ -58,7 +54,7 @@ class Liveness:
         """Held while the trials train."""
         return contextlib.nullcontext()
 
-    def reap(self, study: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
+    def reap(self, trials: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
         """Fail the RUNNING trials whose worker is dead; return them. Under the study lock."""
         return []
 
@@ -112,17 +108,15 @@ class FileLiveness(Liveness):
                 os.close(fd)
         return claims
 
-    def reap(self, study: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
+    def reap(self, trials: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
         if not running:
             return []
         claims = self.live_claims()
-        dead = [t for t in running if t._trial_id not in claims]
-        out = []
+        dead = [t for t in running if trials.id(t) not in claims]
         for t in dead:
             # Under the study lock nobody else reaps; the state was read under it too.
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            out.append(t)
-        return out
+            trials.fail(t)
+        return dead
 
     def stop(self) -> None:
         if self.fd is None:
@@ -134,7 +128,9 @@ class FileLiveness(Liveness):
 
 
 class HeartbeatLiveness(Liveness):
-    def __init__(self, store: PostgresSweepStorage, worker_id: str):
+    def __init__(self, store: Any, worker_id: str):
+        """`store`: the PostgreSQL SweepStorage (sweep.storage), whose Optuna storage holds
+        the heartbeats and whose stale-trial callback collects what `reap` fails."""
         self.store, self.worker_id = store, worker_id
 
     def before_claim(self, trial_id: int, *, add: bool = False) -> None:
@@ -161,11 +157,11 @@ class HeartbeatLiveness(Liveness):
             stop.set()
             thread.join()
 
-    def reap(self, study: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
+    def reap(self, trials: Any, running: list[FrozenTrial]) -> list[FrozenTrial]:
         from optuna.storages import fail_stale_trials
 
         if not running:
             return []
         self.store.take_stale()
-        fail_stale_trials(study)  # FAILs stale trials; our callback collects them
+        fail_stale_trials(trials.study)  # FAILs stale trials; our callback collects them
         return self.store.take_stale()

@@ -27,6 +27,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from sgdnoise import contract as C
 from sgdnoise import tracking
 from sgdnoise.config import Config, ConfigError
 from sgdnoise.paths import project_root
@@ -46,6 +47,7 @@ def run_sweep(
 ) -> int:
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
+    check_batch_sizes(spec, root)
     store = open_storage(storage, root, spec.optuna_name, spec.heartbeat)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if workers != 1:
@@ -92,6 +94,23 @@ def run_sweep(
     return _finish(ctx, exits, started, log)
 
 
+def check_batch_sizes(spec: StudySpec, root: Path) -> None:
+    """Every grid point's B against its training set, before any trial or run exists (the
+    data is prepared for this if it is not yet; workers would prepare it anyway)."""
+    from sgdnoise.config import check_batch_size
+    from sgdnoise.data.store import train_size
+
+    sizes: dict[str, int] = {}
+    for point in spec.points:
+        cfg = spec.config(point.values)
+        if cfg.data.name == "nqm":
+            continue
+        key = repr(cfg.data)
+        if key not in sizes:
+            sizes[key] = train_size(cfg.data, root)
+        check_batch_size(cfg, sizes[key])
+
+
 def worker_threads(cfg: Config, workers: int) -> int:
     """Each worker's share of the cores; train.threads, when set, is a ceiling."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -108,8 +127,8 @@ def _tag_invocation(ctx: SweepContext) -> None:
     try:
         tracking.tag_run(
             ctx.tracking_uri, run_id,
-            {tracking.TAG + "kind": "sweep_invocation", tracking.TAG + "study": ctx.spec.name,
-             tracking.TAG + "study_run_id": ctx.parent_run_id},
+            {C.KIND: C.KIND_SWEEP_INVOCATION, C.STUDY: ctx.spec.name,
+             C.TAG + "study_run_id": ctx.parent_run_id},
         )  # fmt: skip
     except Exception:  # another tracking store than mlflow run's: nothing to link
         pass
@@ -190,7 +209,7 @@ def _worker_main(ctx: SweepContext, index: int) -> None:
     prefix = f"[worker {index}] "
     worker = Worker(
         ctx, local_runner(ctx), log=lambda line: log(prefix + line),
-        pack_runner=local_pack_runner(ctx),
+        pack_runner=local_pack_runner(ctx), from_the_end=index % 2 == 1,
     )  # fmt: skip
     from sgdnoise.train import EXIT_PREEMPTED, Preempted
 

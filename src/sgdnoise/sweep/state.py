@@ -22,7 +22,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from sgdnoise.sweep import edges
-from sgdnoise.sweep.spec import LR_KEY, Point, StudySpec
+from sgdnoise.sweep.spec import LR_KEY, SEED_KEY, Point, StudySpec
 
 LIVE = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -64,15 +64,17 @@ class PointState:
 
     def outcome(self) -> edges.Outcome:
         s = self.state
+        seed = self.values.get(SEED_KEY)
         if s in ("waiting", "running"):
-            return edges.Outcome(edges.PENDING)
+            return edges.Outcome(edges.PENDING, seed=seed)
         if s == "failed":
-            return edges.Outcome(edges.FAILED)
+            return edges.Outcome(edges.FAILED, seed=seed)
         if s == "skipped":
-            return edges.Outcome(edges.SKIPPED)
+            return edges.Outcome(edges.SKIPPED, seed=seed)
         t = self.live
         assert t is not None
-        return edges.Outcome(edges.DONE, s == "diverged", dict(t.user_attrs.get("metrics") or {}))
+        metrics = dict(t.user_attrs.get("metrics") or {})
+        return edges.Outcome(edges.DONE, s == "diverged", metrics, seed)
 
 
 class GridState:

@@ -13,67 +13,31 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sgdnoise import tracking
+from sgdnoise.config import ConfigError
 from sgdnoise.sweep.liveness import Liveness
-from sgdnoise.sweep.spec import LR_KEY, Point, StudySpec
+from sgdnoise.sweep.spec import StudySpec
 from sgdnoise.sweep.state import GridState
 from sgdnoise.sweep.storage import SweepStorage
+from sgdnoise.sweep.trials import Trials, enqueue, load_study, sampler
 
 T = tracking.TAG
 SUMMARY_ATTR = "summary"
 
 
-def sampler(spec: StudySpec) -> Any:
-    """GridSampler over the grid: the study's sampler in every process. Workers only pop
-    enqueued trials, so it never picks a point itself (that is where duplicates come from)."""
-    import optuna
-
-    return optuna.samplers.GridSampler(spec.axes, seed=0)
-
-
-def load_study(spec: StudySpec, store: SweepStorage) -> Any:
-    import optuna
-
-    return optuna.load_study(
-        study_name=spec.optuna_name, storage=store.optuna(), sampler=sampler(spec)
-    )
-
-
-def distributions(spec: StudySpec, values: dict[str, Any]) -> dict[str, Any]:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if k == LR_KEY:
-            out[k] = FloatDistribution(float(v), float(v), log=True)
-        else:
-            out[k] = CategoricalDistribution(spec.axes[k])
-    return out
-
-
-def enqueue(study: Any, spec: StudySpec, point: Point, origin: str) -> None:
-    """Add one WAITING trial for `point`. Callers hold the study lock and know the point
-    has no live trial."""
-    from optuna.trial import TrialState, create_trial
-
-    params = dict(point.values)
-    study.add_trial(
-        create_trial(
-            state=TrialState.WAITING,
-            params=params,
-            distributions=distributions(spec, params),
-            system_attrs={"fixed_params": params},
-            user_attrs={
-                "run_key": point.run_key,
-                "point": json.dumps(params, sort_keys=True),
-                "origin": origin,
-                "run_name": point.run_name,
-            },
-        )
-    )
+@dataclass
+class SweepContext:
+    spec: StudySpec
+    store: SweepStorage
+    root: Path
+    tracking_uri: str
+    parent_run_id: str
+    threads: int | None = None
+    workers: int = 1  # local worker processes sharing this sweep (packs leave them a share)
 
 
 def setup(
@@ -87,8 +51,6 @@ def setup(
     """Create or find the study and its parent run, recover dead workers' trials, enqueue
     every point that has no live trial. Returns the SweepContext workers share."""
     import optuna
-
-    from sgdnoise.sweep.worker import SweepContext, extend, recover
 
     name = spec.optuna_name
     with store.lock(name):
@@ -204,3 +166,42 @@ def finished_already(spec: StudySpec, store: SweepStorage) -> dict[str, int] | N
         return None
     c = counts(state)
     return c if study.user_attrs.get(SUMMARY_ATTR) == c else None
+
+
+def extend(spec: StudySpec, study: Any, state: GridState, group: str | None, log) -> int:
+    """Enqueue the points the edge rules ask for (under the study lock)."""
+    added = 0
+    seen = set(state.points)
+    for values in state.extensions(group):
+        try:
+            point = spec.point(values)
+        except ConfigError as e:
+            log(f"grid edge: cannot add {values}: {e}")
+            continue
+        if point.run_key in seen:
+            continue
+        enqueue(study, spec, point, "edge")
+        seen.add(point.run_key)
+        added += 1
+        log(f"grid edge: added {point.run_name}")
+    return added
+
+
+def recover(ctx: SweepContext, study: Any, live: Any, state: GridState, log) -> int:
+    """Fail dead workers' trials, mark their MLflow runs KILLED, enqueue their points again.
+    Under the study lock."""
+    dead = live.reap(Trials(study), state.running())
+    for t in dead:
+        try:
+            killed = tracking.kill_children(ctx.tracking_uri, ctx.parent_run_id, t.number)
+        except Exception as e:  # the tracking store may be down; Optuna's state comes first
+            killed = []
+            log(f"trial {t.number}: could not mark its MLflow run KILLED ({type(e).__name__})")
+        point = ctx.spec.point(json.loads(t.user_attrs["point"]))
+        enqueue(study, ctx.spec, point, t.user_attrs.get("origin", "grid"))
+        who = t.user_attrs.get("worker", "an unknown worker")
+        log(
+            f"trial {t.number} {point.run_name}: worker {who} is dead; point queued again"
+            + (f", run {killed[0]} KILLED" if killed else "")
+        )
+    return len(dead)

@@ -33,39 +33,26 @@ import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
+from sgdnoise import contract as C
 from sgdnoise import tracking
-from sgdnoise.config import ConfigError
 from sgdnoise.sweep import edges
-from sgdnoise.sweep.spec import Point, StudySpec
+from sgdnoise.sweep.spec import Point
 from sgdnoise.sweep.state import GridState
-from sgdnoise.sweep.storage import SweepStorage
-from sgdnoise.sweep.study import enqueue, load_study
+from sgdnoise.sweep.study import SweepContext, enqueue, extend, recover
+from sgdnoise.sweep.trials import Trials, load_study, trial_id
 
-T = tracking.TAG
+T = C.TAG
 WAIT, AGAIN, DONE = "wait", "again", "done"
 POLL_SECONDS = 1.0
 # Metrics copied onto the trial (user attribute `metrics`).
 TRIAL_METRICS = (
-    "final_test_accuracy", "final_train_accuracy", "final_test_loss", "final_train_loss",
-    "diverged", "steps", "steps_to_target",
+    C.FINAL_TEST_ACCURACY, C.FINAL_TRAIN_ACCURACY, C.FINAL_TEST_LOSS, C.FINAL_TRAIN_LOSS,
+    C.DIVERGED, C.STEPS, C.STEPS_TO_TARGET,
 )  # fmt: skip
-
-
-@dataclass
-class SweepContext:
-    spec: StudySpec
-    store: SweepStorage
-    root: Path
-    tracking_uri: str
-    parent_run_id: str
-    threads: int | None = None
-    workers: int = 1  # local worker processes sharing this sweep (packs leave them a share)
 
 
 @dataclass
@@ -133,11 +120,17 @@ class Worker:
         log: Callable[[str], None] | None = None,
         poll_seconds: float = POLL_SECONDS,
         pack_runner: PackRunner | None = None,
+        from_the_end: bool = False,
     ):
-        """Without `pack_runner` every trial trains on its own (train.pack is ignored)."""
+        """Without `pack_runner` every trial trains on its own (train.pack is ignored).
+        `from_the_end`: claim the last waiting point first (the grid's largest B), so that
+        two local workers train different ends of the grid at once: small batches are
+        bound by memory traffic, large ones by arithmetic, and one of each shares a
+        machine's memory bandwidth better than two of either."""
         self.ctx, self.spec, self.store = ctx, ctx.spec, ctx.store
         self.runner, self.log, self.poll = runner, log or stderr_log(""), poll_seconds
         self.pack_runner = pack_runner
+        self.from_the_end = from_the_end
         self._pack_sizes: dict[str, int] = {}
         self.worker_id = worker_id or new_worker_id()
         self.tally = Tally()
@@ -147,6 +140,7 @@ class Worker:
     # ---- the loop ----
     def run(self) -> Tally:
         self.study = load_study(self.spec, self.store)
+        self.trials = Trials(self.study)
         self.live = self.store.liveness(self.spec.optuna_name, self.worker_id)
         self.live.start()
         try:
@@ -168,7 +162,6 @@ class Worker:
         return GridState(self.spec, self.study.get_trials(deepcopy=False))
 
     def _next(self) -> list[FrozenTrial] | str:
-        storage = self.study._storage
         with self.store.lock(self.spec.optuna_name):
             state = self._state()
             n = recover(self.ctx, self.study, self.live, state, self.log)
@@ -179,7 +172,8 @@ class Worker:
                 for p in state.missing():
                     enqueue(self.study, self.spec, p, "grid")
                 return AGAIN
-            for t in state.waiting():
+            waiting = state.waiting()
+            for t in reversed(waiting) if self.from_the_end else waiting:
                 decision = state.skip_decision(t)
                 if decision == edges.BLOCKED:
                     continue  # waits for a smaller learning rate to finish
@@ -189,7 +183,7 @@ class Worker:
                     self._skip(t)
                     return AGAIN
                 pack = [t] + self._pack_mates(state, t)
-                return [storage.get_trial(x._trial_id) for x in pack]
+                return [self.trials.get(x) for x in pack]
             if state.waiting() or state.running():
                 return WAIT
             if self._extend_locked(state, None):
@@ -198,14 +192,11 @@ class Worker:
 
     def _claim(self, t: FrozenTrial, add: bool = False) -> bool:
         """WAITING -> RUNNING, atomically; under the study lock."""
-        self.live.before_claim(t._trial_id, add=add)
-        try:
-            claimed = self.study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
-        except UpdateFinishedTrialError:
-            claimed = False
+        self.live.before_claim(trial_id(t), add=add)
+        claimed = self.trials.claim(t)
         if claimed:
-            self.study._storage.set_trial_user_attr(t._trial_id, "worker", self.worker_id)
-        return bool(claimed)
+            self.trials.set_attr(t, "worker", self.worker_id)
+        return claimed
 
     def _pack_mates(self, state: GridState, first: FrozenTrial) -> list[FrozenTrial]:
         """Claim up to pack size - 1 more waiting trials that can train with `first`: the
@@ -226,7 +217,7 @@ class Worker:
         # so packing changes when points train, never which.
         free = [
             t for t in state.waiting()
-            if t._trial_id != first._trial_id and state.skip_decision(t) == edges.RUN
+            if trial_id(t) != trial_id(first) and state.skip_decision(t) == edges.RUN
         ]  # fmt: skip
         group = _group(first)
         mates = [t for t in free if _group(t) == group]
@@ -241,7 +232,7 @@ class Worker:
                 pack.append(t)
         if len(pack) > 1:  # which trials trained together (benchmarks, status, provenance)
             for t in pack:
-                self.study._storage.set_trial_user_attr(t._trial_id, "pack", first.number)
+                self.trials.set_attr(t, "pack", first.number)
         return pack[1:]
 
     # ---- one trial ----
@@ -256,7 +247,7 @@ class Worker:
             self.log(f"trial {t.number} {point.run_name}: adopted finished run {found[0]}")
             return point.group
         t0 = time.monotonic()
-        with self.live.running([t._trial_id]):
+        with self.live.running([trial_id(t)]):
             try:
                 result = self.runner(values, self._tags(t))
             except BaseException as e:
@@ -293,7 +284,7 @@ class Worker:
         numbers = " ".join(str(t.number) for t in todo)
         self.log(f"pack of {len(todo)}: trials {numbers}")
         values = [json.loads(t.user_attrs["point"]) for t in todo]
-        with self.live.running([t._trial_id for t in todo]):
+        with self.live.running([trial_id(t) for t in todo]):
             try:
                 self.pack_runner(values, [self._tags(t) for t in todo], on_done)
             except BaseException as e:
@@ -308,11 +299,11 @@ class Worker:
 
     def _tags(self, t: FrozenTrial) -> dict[str, str]:
         return {
-            T + "study": self.spec.name,
-            T + "trial_number": str(t.number),
+            C.STUDY: self.spec.name,
+            C.TRIAL_NUMBER: str(t.number),
             T + "optuna_study": self.spec.optuna_name,
-            T + "grid_hash": self.spec.grid_hash,
-            T + "worker": self.worker_id,
+            C.GRID_HASH: self.spec.grid_hash,
+            C.WORKER: self.worker_id,
             T + "origin": t.user_attrs.get("origin", "grid"),
         }
 
@@ -336,12 +327,12 @@ class Worker:
         """Take over the FINISHED run a dead (or presumed dead) attempt left behind."""
         run_id, metrics, status = found
         uri = self.ctx.tracking_uri
-        tracking.tag_run(uri, run_id, {T + "trial_number": str(t.number)})
+        tracking.tag_run(uri, run_id, {C.TRIAL_NUMBER: str(t.number)})
         # A presumed-dead worker that still lived marks its run KILLED when it learns its
         # trial was taken over, unless the run was adopted first: look again after tagging.
         if tracking.run_status(uri, run_id) != "FINISHED":
             return False
-        self.study._storage.set_trial_user_attr(t._trial_id, "adopted", True)
+        self.trials.set_attr(t, "adopted", True)
         self._complete(t, run_id, status, metrics)
         self.tally.adopted += 1
         return True
@@ -349,17 +340,16 @@ class Worker:
     def _complete(
         self, t: FrozenTrial, run_id: str, status: str, metrics: dict[str, float]
     ) -> bool:
-        storage = self.study._storage
         kept = {k: _finite(metrics.get(k)) for k in TRIAL_METRICS if k in metrics}
         # run -> trial: a run resumed from a checkpoint (or adopted) still names the attempt
         # that created it.
         tracking.tag_run(
             self.ctx.tracking_uri, run_id,
-            {T + "trial_number": str(t.number), T + "worker": self.worker_id},
+            {C.TRIAL_NUMBER: str(t.number), C.WORKER: self.worker_id},
         )  # fmt: skip
-        storage.set_trial_user_attr(t._trial_id, "mlflow_run_id", run_id)
-        storage.set_trial_user_attr(t._trial_id, "status", status)
-        storage.set_trial_user_attr(t._trial_id, "metrics", kept)
+        self.trials.set_attr(t, "mlflow_run_id", run_id)
+        self.trials.set_attr(t, "status", status)
+        self.trials.set_attr(t, "metrics", kept)
         value = _finite(metrics.get(self.spec.metric.name))
         if value is None or status == "diverged" and value is None:
             value = (
@@ -367,27 +357,22 @@ class Worker:
                 if self.spec.metric.direction == "maximize"
                 else sys.float_info.max
             )
-        try:
-            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [value])
-            ok = storage.get_trial(t._trial_id).state == TrialState.COMPLETE
-        except UpdateFinishedTrialError:
-            ok = False
+        ok = self.trials.complete(t, value)
         if not ok:
             # Our trial was declared dead while we still ran (a heartbeat that went stale):
             # the point was handed to another worker, so this run must not count as its
             # finished run, unless that worker adopted it already (it re-tagged the run).
             uri = self.ctx.tracking_uri
-            if tracking.run_tags(uri, run_id).get(T + "trial_number") == str(t.number):
+            if tracking.run_tags(uri, run_id).get(C.TRIAL_NUMBER) == str(t.number):
                 tracking.set_run_status(uri, run_id, "KILLED")
                 self.log(f"trial {t.number}: taken over by another worker; run {run_id} KILLED")
         return ok
 
     def _fail(self, t: FrozenTrial, e: BaseException, interrupted: bool) -> None:
-        storage = self.study._storage
         message = f"{type(e).__name__}: {e}"[:500]
         try:
-            storage.set_trial_user_attr(t._trial_id, "error", message)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.trials.set_attr(t, "error", message)
+            self.trials.fail(t)
             if interrupted:
                 # Stopped from outside (Ctrl-C, SIGTERM): the point itself is fine; queue it
                 # again now. With checkpoints on, whoever runs it next resumes the run.
@@ -406,12 +391,11 @@ class Worker:
             self.log("".join(traceback.format_exception(e)).rstrip())
 
     def _skip(self, t: FrozenTrial) -> None:
-        storage = self.study._storage
-        storage.set_trial_user_attr(t._trial_id, "status", "skipped")
-        storage.set_trial_user_attr(
-            t._trial_id, "skip_reason", "a smaller learning rate above 1 diverged for every seed"
+        self.trials.set_attr(t, "status", "skipped")
+        self.trials.set_attr(
+            t, "skip_reason", "a smaller learning rate above 1 diverged for every seed"
         )
-        storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+        self.trials.prune(t)
         self.tally.skipped += 1
         point = self.spec.point(json.loads(t.user_attrs["point"]))
         self.log(f"trial {t.number} {point.run_name}: skipped (all seeds diverged below it)")
@@ -425,45 +409,6 @@ class Worker:
         added = extend(self.spec, self.study, state, group, self.log)
         self.tally.added += added
         return added
-
-
-def extend(spec: StudySpec, study: Any, state: GridState, group: str | None, log) -> int:
-    """Enqueue the points the edge rules ask for (under the study lock)."""
-    added = 0
-    seen = set(state.points)
-    for values in state.extensions(group):
-        try:
-            point = spec.point(values)
-        except ConfigError as e:
-            log(f"grid edge: cannot add {values}: {e}")
-            continue
-        if point.run_key in seen:
-            continue
-        enqueue(study, spec, point, "edge")
-        seen.add(point.run_key)
-        added += 1
-        log(f"grid edge: added {point.run_name}")
-    return added
-
-
-def recover(ctx: SweepContext, study: Any, live: Any, state: GridState, log) -> int:
-    """Fail dead workers' trials, mark their MLflow runs KILLED, enqueue their points again.
-    Under the study lock."""
-    dead = live.reap(study, state.running())
-    for t in dead:
-        try:
-            killed = tracking.kill_children(ctx.tracking_uri, ctx.parent_run_id, t.number)
-        except Exception as e:  # the tracking store may be down; Optuna's state comes first
-            killed = []
-            log(f"trial {t.number}: could not mark its MLflow run KILLED ({type(e).__name__})")
-        point = ctx.spec.point(json.loads(t.user_attrs["point"]))
-        enqueue(study, ctx.spec, point, t.user_attrs.get("origin", "grid"))
-        who = t.user_attrs.get("worker", "an unknown worker")
-        log(
-            f"trial {t.number} {point.run_name}: worker {who} is dead; point queued again"
-            + (f", run {killed[0]} KILLED" if killed else "")
-        )
-    return len(dead)
 
 
 def _group(t: FrozenTrial) -> str:

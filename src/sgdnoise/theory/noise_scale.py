@@ -18,16 +18,20 @@ step's micro-batches to reduce variance: each is an unbiased estimate of E|G_sma
 
 A single step's estimates are very noisy (either can be negative), and the ratio of two
 noisy quantities is biased, so McCandlish et al. recommend averaging |G|² and tr(Σ)
-separately over steps and taking the ratio of the averages: :class:`NoiseScaleTracker`.
-
-Plain floats (numpy-compatible arithmetic): no torch import, so this module is cheap to load.
+separately over steps and taking the ratio of the averages: :class:`NoiseWindow` sums the
+squared norms over the steps between two evaluations of a run (or of every member of a
+pack at once), on the device, and `estimate` turns the averages into B_simple.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["NoiseScaleTracker", "estimate"]
+if TYPE_CHECKING:  # the window works on torch tensors; the estimate on plain numbers
+    import torch
+
+__all__ = ["NoiseWindow", "estimate"]
 
 
 def estimate(small_sq: float, b_small: int, big_sq: float, b_big: int) -> tuple[float, float]:
@@ -51,57 +55,80 @@ def estimate(small_sq: float, b_small: int, big_sq: float, b_big: int) -> tuple[
     return g_sq, tr_sigma
 
 
-class NoiseScaleTracker:
-    """Bias-corrected exponential moving averages of |G|² and tr(Σ), and B_simple.
+class NoiseWindow:
+    """B_simple of each of K members, from the gradients accumulation computes anyway.
 
-    After n updates with estimates x_1..x_n, the average is
-    m_n / (1 − βⁿ) with m_n = β m_{n−1} + (1 − β) x_n, m_0 = 0 (Adam-style bias correction:
-    after one update it equals x_1). The two quantities are averaged separately and
-    B_simple is the ratio of the averages (McCandlish et al.), not an average of ratios.
-    Non-finite inputs (e.g. an overflowed norm) are skipped and counted in ``skipped`` so a
-    single bad step cannot poison the averages.
+    Micro-batch j's gradient is `micro_batches` times the change of the accumulated .grad;
+    the full-batch gradient is .grad before the update. Squared norms are summed per member
+    on the device over the steps since the last `estimates()` (no host sync per step).
+    Gradients carry a leading member axis (a single run's are viewed with one). Under DDP
+    the last micro-batch's gradient is already averaged over processes, so only the others
+    count as small batches.
     """
 
-    def __init__(self, beta: float = 0.95) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        self.beta = beta
-        self.count = 0
-        self.skipped = 0
-        self._g_sq = 0.0
-        self._tr_sigma = 0.0
+    def __init__(self, members: int, micro_batches: int, micro: int, batch: int,
+                 processes: int = 1, device: torch.device | str = "cpu"):  # fmt: skip
+        import torch
 
-    def update(self, small_sq: float, b_small: int, big_sq: float, b_big: int) -> None:
-        """Fold in one step's squared norms (see :func:`estimate` for the arguments)."""
-        g_sq, tr_sigma = estimate(small_sq, b_small, big_sq, b_big)
-        g_sq, tr_sigma = float(g_sq), float(tr_sigma)
-        if not (math.isfinite(g_sq) and math.isfinite(tr_sigma)):
-            self.skipped += 1
+        self.k, self.micro, self.batch, self.processes = micro_batches, micro, batch, processes
+        self.prev: list[torch.Tensor] | None = None  # the accumulated gradients so far
+        # Per member: summed |G_micro|², summed |G_batch|², micro-batches counted.
+        self.sums = torch.zeros(members, 3, dtype=torch.float64, device=device)
+        self.steps = 0
+
+    @staticmethod
+    def _sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return sum(t.double().pow(2).flatten(1).sum(1) for t in tensors)  # type: ignore[return-value]
+
+    def after_micro_batch(self, grads: list[torch.Tensor], j: int) -> None:
+        import torch
+
+        if self.processes > 1 and j == self.k - 1:
             return
-        self.count += 1
-        self._g_sq = self.beta * self._g_sq + (1.0 - self.beta) * g_sq
-        self._tr_sigma = self.beta * self._tr_sigma + (1.0 - self.beta) * tr_sigma
+        if self.prev is None:
+            self.prev = [torch.zeros_like(g) for g in grads]
+        self.sums[:, 0] += self._sq(torch._foreach_sub(grads, self.prev)) * self.k**2
+        self.sums[:, 2] += 1
+        torch._foreach_copy_(self.prev, grads)
 
-    def _correction(self) -> float:
-        return 1.0 - self.beta**self.count
+    def after_step(self, grads: list[torch.Tensor]) -> None:
+        import torch
 
-    @property
-    def g_sq(self) -> float | None:
-        """Bias-corrected average of the |G|² estimates (None before the first update)."""
-        return self._g_sq / self._correction() if self.count else None
+        self.sums[:, 1] += self._sq(grads)
+        if self.prev is not None:
+            torch._foreach_zero_(self.prev)
+        self.steps += 1
 
-    @property
-    def tr_sigma(self) -> float | None:
-        """Bias-corrected average of the tr(Σ) estimates (None before the first update)."""
-        return self._tr_sigma / self._correction() if self.count else None
+    def estimates(self) -> list[float | None]:
+        """B_simple per member over the window since the last call (None without data or
+        while |G|² <= 0); starts a new window."""
+        if self.steps == 0:
+            return [None] * self.sums.shape[0]
+        out: list[float | None] = []
+        for small, big, n in self.sums.tolist():
+            g_sq, tr_sigma = estimate(small / max(n, 1.0), self.micro, big / self.steps,
+                                      self.batch)  # fmt: skip
+            out.append(tr_sigma / g_sq if g_sq > 0 and math.isfinite(tr_sigma) else None)
+        self.sums.zero_()
+        self.steps = 0
+        return out
 
-    @property
-    def b_simple(self) -> float | None:
-        """tr(Σ) / |G|² from the averages; None before any update or while |G|² <= 0.
+    def state(self, k: int) -> dict[str, Any]:
+        """Member k's open window, for its checkpoint."""
+        return {"sums": self.sums[k].cpu(), "steps": self.steps}
 
-        It can be negative when the tr(Σ) average is (a sign the averages are still noise).
-        """
-        g_sq, tr_sigma = self.g_sq, self.tr_sigma
-        if g_sq is None or tr_sigma is None or g_sq <= 0.0:
-            return None
-        return tr_sigma / g_sq
+    def load(self, states: list[dict[str, Any]]) -> None:
+        """The members' windows from their checkpoints (all at one step)."""
+        import torch
+
+        if all(s.get("sums") is not None for s in states):
+            self.sums.copy_(torch.stack([s["sums"] for s in states]))
+            self.steps = int(states[0]["steps"])
+
+    def select(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, device=self.sums.device)
+        if self.prev is not None:
+            self.prev = [p.index_select(0, index) for p in self.prev]
+        self.sums = self.sums.index_select(0, index)

@@ -11,7 +11,7 @@ v ← β v + g, θ ← θ − α v (v_0 = 0). The *effective* learning rate is �
 
 Loss convention. "Loss" always means the expected NQM loss E[L_t] = Σ_i ℓ_i,t with the
 per-dimension loss ℓ_i,t = ½ h_i E[θ_i,t²] (including the ½ of L). With this convention,
-for SGD at constant α (Zhang et al.; PAPER.md)
+for SGD at constant α (Zhang et al.; docs/protocol.md)
 
     E[ℓ_t] = (1 − αh)^{2t} ℓ_0 + α c / (2B (2 − αh)) · (1 − (1 − αh)^{2t}),
 
