@@ -764,6 +764,18 @@ def _steps_part(g: pd.DataFrame, metric: str, direction: str) -> tuple[str, str,
         "train_loss_best_b": tl_best,
         "train_loss_largest_b": tl_large,
         "train_loss_tolerance": tl_tol,
+        # Context, not the verdict (which is the largest B's): every B above the best one.
+        "above_best": [
+            {
+                "batch_size": int(r.batch_size),
+                "drop": _gain(best.metric_mean, r.metric_mean, direction),
+                "tolerance": _tolerance(
+                    metric, best.metric_std, r.metric_std, best.metric_mean, r.metric_mean
+                ),
+                "train_loss": r.train_loss_mean,
+            }
+            for r in g[g["batch_size"] > best.batch_size].itertuples()
+        ],
     }
     acc = (
         f"{fmt_metric(best.metric_mean, metric)} ± {fmt_diff(best.metric_std, metric)} at "
@@ -777,6 +789,17 @@ def _steps_part(g: pd.DataFrame, metric: str, direction: str) -> tuple[str, str,
     if not (math.isfinite(tl_best) and math.isfinite(tl_large)):
         return UNKNOWN, f"{acc}; no training loss at the optimum to compare", nums
     loss = f"training loss {tl_large:.4g} at the largest B vs {tl_best:.4g} at B = {int(best.batch_size)}"
+    others = [r for r in nums["above_best"] if r["batch_size"] != int(largest.batch_size)]
+    if others:
+        loss += (
+            " (between them: "
+            + ", ".join(
+                f"B = {r['batch_size']}: drop {fmt_diff(r['drop'], metric)}, training loss "
+                f"{r['train_loss']:.4g}"
+                for r in others
+            )
+            + ")"
+        )
     if drop <= tol:
         return FAILS, f"{acc}: no loss of test accuracy; {loss}", nums
     if tl_large <= tl_best + tl_tol:

@@ -187,8 +187,8 @@ def theory_lines(by_role: Mapping[str, StudyResult | None]) -> list[str]:
     groups = ns.summary.get("groups", {})
     lines = [
         "| optimizer | fitted B_crit (95% bootstrap interval) | measured B_simple (range over "
-        "runs) | B_crit / B_simple |",
-        "|---|---|---|---|",
+        "runs) | B_crit / B_simple | reading |",
+        "|---|---|---|---|---|",
     ]
     for series, r in sorted(main.summary.get("regimes", {}).items()):
         g = groups.get(series, {})
@@ -200,7 +200,7 @@ def theory_lines(by_role: Mapping[str, StudyResult | None]) -> list[str]:
         if b_simple is not None:
             simple += f" ({g['b_simple_lo']:.3g} to {g['b_simple_hi']:.3g})"
         ratio = "—" if b_crit is None or not b_simple else f"{b_crit / b_simple:.2g}"
-        lines.append(f"| {series} | {crit} | {simple} | {ratio} |")
+        lines.append(f"| {series} | {crit} | {simple} | {ratio} | {_theory_reading(r, g)} |")
     where = groups and next(iter(groups.values()))
     if where:
         lines += [
@@ -208,11 +208,30 @@ def theory_lines(by_role: Mapping[str, StudyResult | None]) -> list[str]:
             f"B_simple measured at B = {where.get('batch_size')} with micro-batches of "
             f"{where.get('micro_batch_size')}, ε_eff = {where.get('lr_eff'):g}, over the whole "
             "budget (per run the median of its evaluation windows). The theory (McCandlish et "
-            "al. 2018) expects B_crit ≈ B_noise; B_simple equals B_noise when the Hessian is "
-            "well conditioned and lies below it otherwise, so a ratio of order one to ten is "
-            "agreement in scale.",
+            "al. 2018) expects B_crit ≈ B_noise, and B_simple ≤ B_noise (equal for a "
+            "well-conditioned Hessian): a ratio near 1 agrees, a ratio above 1 is consistent "
+            "with it, a ratio well below 1 means the optimal ε_eff stopped growing before the "
+            "gradient noise stopped dominating.",
         ]
     return lines
+
+
+def _theory_reading(regime: dict[str, Any], group: dict[str, Any]) -> str:
+    """One phrase per optimizer: how its B_crit and B_simple compare (factor-3 bands)."""
+    b_crit, b_simple = regime.get("b_crit"), group.get("b_simple")
+    if b_crit is None or not b_simple:
+        return "—"
+    ratio = b_crit / b_simple
+    if ratio < 1 / 3:
+        eps = regime.get("eps_max")
+        cap = f" (ε_max ≈ {eps:.3g})" if eps is not None else ""
+        return (
+            "B_crit well below the noise scale: the largest stable ε_eff caps the optimal "
+            f"one first{cap}"
+        )
+    if ratio > 3:
+        return "B_crit well above B_simple: consistent (B_simple underestimates B_noise)"
+    return "agree within a factor of 3"
 
 
 # ---- REPORT.md ---------------------------------------------------------------------------

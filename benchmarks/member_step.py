@@ -1,0 +1,95 @@
+"""What one run's optimizer step costs, one by one and packed, against the CPU's peak.
+
+    python benchmarks/member_step.py                          # B = 4, 16, 64, 128; K = 4 … 32
+    python benchmarks/member_step.py --batch-sizes 4 --packs 8 16
+
+The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the training step only
+(batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
+step unpacked (the model and `HeavyBall`, as `train()` runs it) and packed (`StackedModel`
+and `StackedSGD`, as a pack runs it), and each as a multiple of the time its FLOPs (6 per
+parameter per example) take at the fp32 matrix-multiply peak of one thread, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import study_efficiency
+import torch
+import torch.nn.functional as F
+
+from sgdnoise.allocator import keep_freed_memory
+from sgdnoise.config import from_dict
+from sgdnoise.models.build import build_model
+from sgdnoise.models.packed import StackedModel
+from sgdnoise.optim import StackedSGD, make_optimizer
+
+N = 8000
+
+
+def timed(step, n: int) -> float:
+    for _ in range(max(10, n // 10)):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def unpacked(B: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
+    cfg = from_dict({"train": {"batch_size": B}})
+    model = build_model(cfg.model, (40,), 10)
+    opt = make_optimizer(model, cfg)
+
+    def step() -> None:
+        idx = torch.randint(0, N, (B,))
+        F.cross_entropy(model(X[idx]), Y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return timed(step, n)
+
+
+def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
+    cfg = from_dict({})
+    template = build_model(cfg.model, (40,), 10)
+    net = StackedModel(template, [build_model(cfg.model, (40,), 10).state_dict()
+                                  for _ in range(K)])  # fmt: skip
+    opt = StackedSGD(net.params, 0.9, 5e-4)
+    lrs = [0.01 * (1 + k // 2) for k in range(K)]  # two seeds per learning rate
+
+    def step() -> None:
+        idx = torch.randint(0, N, (K, B))
+        out = net(X[idx.reshape(-1)].view(K, B, -1))
+        ce = F.cross_entropy(out.flatten(0, 1), Y[idx].reshape(-1), reduction="none")
+        ce.view(K, -1).mean(1).sum().backward()
+        opt.step(lrs)
+        opt.zero_grad()
+
+    return timed(step, n) / K
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 128])
+    ap.add_argument("--packs", type=int, nargs="+", default=[4, 8, 16, 32])
+    args = ap.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    peak = study_efficiency.gemm_peak()
+    X, Y = torch.randn(N, 40), torch.randint(0, 10, (N,))
+    params = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    print(f"fp32 GEMM peak, one thread: {peak / 1e9:.0f} GFLOP/s; µs per member-step "
+          f"(x its FLOPs at peak)")  # fmt: skip
+    print(f"{'B':>5} {'unpacked':>16} " + " ".join(f"{'K=' + str(k):>16}" for k in args.packs))
+    for B in args.batch_sizes:
+        n = max(50, 20_000 // B)
+        at_peak = 6 * params * B / peak
+        cells = [unpacked(B, X, Y, n)] + [packed(B, k, X, Y, n // 4) for k in args.packs]
+        print(f"{B:>5} " + " ".join(f"{t * 1e6:>8.0f} ({t / at_peak:>4.1f}x)" for t in cells),
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
