@@ -22,6 +22,7 @@ from sgdnoise.config import from_dict
 from sgdnoise.pack import train_pack
 
 RUNS = 32
+STEPS = 400
 
 
 def configs(width: int | None, batch_size: int) -> list:
@@ -35,7 +36,7 @@ def configs(width: int | None, batch_size: int) -> list:
                     "lr_eff": 0.01 * (k + 1),
                     "seed": k % 2,
                     "batch_size": batch_size,
-                    "budget": {"unit": "steps", "value": 400},
+                    "budget": {"unit": "steps", "value": STEPS},
                     "eval_points": 1,
                     "threads": 1,
                 },
@@ -69,6 +70,10 @@ def main() -> None:
                     rate[K] = RUNS / (time.perf_counter() - t0)
                 print(f"{width:>6} {B:>5} "
                       + " ".join(f"{rate[k] / rate[1]:>6.2f}x" for k in args.packs), flush=True)  # fmt: skip
+                # µs per member-step, everything a run does included (set-up, evaluations).
+                micro = {k: 1e6 / (rate[k] * STEPS) for k in [1, *args.packs]}
+                print(f"{'':>12} µs per member-step: one by one {micro[1]:.0f}; "
+                      + "; ".join(f"K={k} {micro[k]:.0f}" for k in args.packs), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
