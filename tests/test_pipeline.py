@@ -18,9 +18,23 @@ REPO = Path(__file__).resolve().parents[1]
 STUDIES = ("constant_epochs", "constant_steps", "epoch_budgets", "noise_scale", "nqm")
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A study's nested `fixed`/`grid` keys as dotted ones (the study reader takes both);
+    a learning-rate power spec {base, min_exp, max_exp} is a value, not a section."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and not {"base", "min_exp", "max_exp"} & set(v):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def shrunken_params() -> dict:
     """The default params with a tiny dataset, model and grids (seconds per study)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for study in params["studies"].values():
+        study["grid"], study["fixed"] = dotted(study["grid"]), dotted(study.get("fixed", {}))
     params["data"].update(num_samples=600)
     params["model"].update(width=32)
     params["train"].update(eval_points=2, threads=1)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sgdnoise.config import Config
+from sgdnoise.paths import store_root
 
 KEEP = 2  # the newest and one fallback, in case the newest is damaged
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -38,7 +39,8 @@ class Checkpointer:
         """`scope` (a sweep's parent run id) keeps the same config in two studies apart."""
         every = cfg.train.checkpoint_every
         self.unit, self.value = every.unit, every.value
-        self.dir = root / "checkpoints" / (f"{scope}-{cfg.run_key}" if scope else cfg.run_key)
+        base = store_root(root) / "checkpoints"  # not in a DVC experiment's deleted copy
+        self.dir = base / (f"{scope}-{cfg.run_key}" if scope else cfg.run_key)
         self._last_time = time.monotonic()
         self._last_step = 0
 

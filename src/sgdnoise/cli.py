@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
     p.add_argument("--summary", metavar="FILE", help="write the finished sweep's counts as JSON")
     p.add_argument(
+        "--restart", action="store_true",
+        help="forget the study's Optuna trials (not its MLflow runs) and run every point again",
+    )  # fmt: skip
+    p.add_argument(
         "--pack", type=int, default=None, metavar="K",
         help="train up to K grid points of a group as one packed model (= -P train.pack=K; "
         "1: off; default: by device and B)",
@@ -165,7 +169,9 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("--workers", f"{args.workers} is not >= 1", "an integer >= 1")
     pack = [f"train.pack={args.pack}"] if args.pack is not None else []
     raw = raw_params(args.params, [*args.overrides, *extra, *pack])
-    code = run_sweep(raw, args.study, workers=args.workers, storage=args.storage)
+    code = run_sweep(
+        raw, args.study, workers=args.workers, storage=args.storage, restart=args.restart
+    )
     if code == 0 and args.summary:
         _write_sweep_summary(raw, args, args.summary)
     return code

@@ -36,9 +36,23 @@ def prepared_dir(dataset: str, root: Path | None = None) -> Path:
     return (root or project_root()) / "data" / "prepared" / dataset
 
 
+def store_root(root: Path | None = None) -> Path:
+    """Where the tracking store, the sweeps' Optuna journals and checkpoints live: the
+    project root, or, inside the temporary workspace of a DVC experiment (`dvc exp run
+    --temp` and `--queue` run in a copy under <repo>/.dvc/tmp/exps/ and delete it
+    afterwards), the repository that workspace was copied from."""
+    root = (root or project_root()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def default_tracking_uri(root: Path | None = None) -> str:
-    """MLflow 3's default store, but pinned to an absolute path at the project root."""
-    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+    """MLflow 3's default store, but pinned to an absolute path at the project root (the
+    repository's, for a DVC experiment's temporary workspace: see store_root)."""
+    return f"sqlite:///{store_root(root) / 'mlflow.db'}"
 
 
 def resolve_under_root(path: str, root: Path | None = None) -> Path:

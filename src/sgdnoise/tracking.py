@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sgdnoise import __version__
 from sgdnoise import contract as C
 from sgdnoise.config import Config
-from sgdnoise.paths import default_tracking_uri, project_root
+from sgdnoise.paths import default_tracking_uri, project_root, store_root
 
 # A tracking server that does not answer must fail a run in seconds, not after MLflow's
 # default minutes of retries with back-off.
@@ -40,7 +40,7 @@ def resolve_uri(cfg: Config, root: Path | None = None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # A relative sqlite path would create one database per working directory.
         rel = uri[len("sqlite:///") :]
-        uri = f"sqlite:///{(root or project_root()) / rel}"
+        uri = f"sqlite:///{store_root(root) / rel}"
     return uri
 
 
@@ -111,7 +111,7 @@ def experiment_id(mlf, name: str, root: Path | None = None) -> str:
         return exp.experiment_id
     location = None
     if mlf.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in mlf.tracking_uri:
-        location = ((root or project_root()) / "mlruns").as_uri()
+        location = (store_root(root) / "mlruns").as_uri()
     try:
         return mlf.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently by another worker
@@ -395,6 +395,21 @@ def log_study_summary(
         metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )
+
+
+def finished_runs(uri: str, run_ids: list[str]) -> set[str]:
+    """The runs among `run_ids` that exist, active and FINISHED, in the store at `uri`."""
+    from mlflow.exceptions import MlflowException
+
+    mlf, out = client(uri), set()
+    for run_id in run_ids:
+        try:
+            info = mlf.get_run(run_id).info
+        except MlflowException:
+            continue
+        if info.status == "FINISHED" and info.lifecycle_stage == "active":
+            out.add(run_id)
+    return out
 
 
 def log_analysis(uri: str, run_id: str, files: list[Path], artifact_path: str = "analysis") -> None:

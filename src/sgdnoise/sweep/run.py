@@ -35,7 +35,14 @@ from sgdnoise.sweep.spec import StudySpec, load_spec
 from sgdnoise.sweep.state import GridState
 from sgdnoise.sweep.status import Progress, tty_log
 from sgdnoise.sweep.storage import open_storage
-from sgdnoise.sweep.study import finalize, finished_already, load_study, setup, summary_line
+from sgdnoise.sweep.study import (
+    finalize,
+    finished_already,
+    load_study,
+    setup,
+    summary_line,
+    verify_store,
+)
 from sgdnoise.sweep.worker import SweepContext, Worker, local_pack_runner, local_runner
 
 EXIT_INCOMPLETE = 1
@@ -43,12 +50,22 @@ EXIT_TRACKING = 3  # as `sgdnoise train`: the tracking store could not be reache
 
 
 def run_sweep(
-    raw: Mapping[str, Any], study: str, *, workers: int = 1, storage: str | None = None
-) -> int:
+    raw: Mapping[str, Any], study: str, *, workers: int = 1, storage: str | None = None,
+    restart: bool = False,
+) -> int:  # fmt: skip
+    """`restart`: forget the study's Optuna trials first (not its MLflow runs) and run every
+    point again, into the tracking store in use now."""
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
     check_batch_sizes(spec, root)
     store = open_storage(storage, root, spec.optuna_name, spec.heartbeat)
+    cfg0 = spec.config(spec.points[0].values)
+    uri = tracking.resolve_uri(cfg0, root)
+    if int(os.environ.get("RANK", "0")) == 0:  # in a torchrun group, rank 0 talks to Optuna
+        if restart:
+            with store.lock(spec.optuna_name):
+                store.delete(spec.optuna_name)
+        verify_store(spec, store, uri)  # never "complete" with its runs in another store
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if workers != 1:
             raise ConfigError(
@@ -65,8 +82,6 @@ def run_sweep(
         log(summary_line(spec, done) + "; already complete, nothing to run")
         return 0
 
-    cfg0 = spec.config(spec.points[0].values)
-    uri = tracking.resolve_uri(cfg0, root)
     threads = worker_threads(cfg0, workers)
     log(
         f"sweep {spec.name}: {len(spec.points)} grid points, {workers} worker(s) x "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sgdnoise.config import ConfigError
+from sgdnoise.paths import store_root
 from sgdnoise.sweep.liveness import FileLiveness, HeartbeatLiveness, Liveness
 from sgdnoise.sweep.spec import Heartbeat
 from sgdnoise.tracking import redact, redact_text
@@ -63,6 +64,13 @@ class SweepStorage:
 
     def lock(self, study_name: str) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
+
+    def delete(self, study_name: str) -> None:
+        """Forget the study's trials (its MLflow runs stay where they are)."""
+        import optuna
+
+        if self.exists(study_name):
+            optuna.delete_study(study_name=study_name, storage=self.optuna())
 
     def liveness(self, study_name: str, worker_id: str) -> Liveness:
         raise NotImplementedError
@@ -233,7 +241,7 @@ def open_storage(
 ) -> SweepStorage:
     """The study's storage from `--storage` (None: the local journal). Bad URL: ConfigError."""
     if url is None or not url.strip():
-        return JournalSweepStorage(root / "optuna" / f"{optuna_name}.log")
+        return JournalSweepStorage(store_root(root) / "optuna" / f"{optuna_name}.log")
     url = url.strip()
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):

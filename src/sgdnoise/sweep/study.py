@@ -27,6 +27,7 @@ from sgdnoise.sweep.trials import Trials, enqueue, load_study, sampler
 
 T = tracking.TAG
 SUMMARY_ATTR = "summary"
+STORE_ATTR = "tracking_store"  # the (redacted) tracking URI the study's runs are recorded in
 
 
 @dataclass
@@ -84,6 +85,8 @@ def setup(
             study.set_user_attr("definition", spec.describe())
         if attrs.get("mlflow_parent_run_id") != parent:
             study.set_user_attr("mlflow_parent_run_id", parent)
+        if attrs.get(STORE_ATTR) != tracking.redact(tracking_uri):
+            study.set_user_attr(STORE_ATTR, tracking.redact(tracking_uri))
         ctx = SweepContext(spec, store, root, tracking_uri, parent, threads)
         state = GridState(spec, study.get_trials(deepcopy=False))
         # Not a worker: reaping needs no registration of its own.
@@ -153,6 +156,39 @@ def finalize(ctx: Any, study: Any, state: GridState) -> dict[str, int]:
     _tracking(ctx.tracking_uri, log)
     study.set_user_attr(SUMMARY_ATTR, c)  # only once MLflow has it: else re-run finalizes
     return c
+
+
+def verify_store(spec: StudySpec, store: SweepStorage, uri: str) -> None:
+    """A point is done only if its FINISHED run is in the tracking store this sweep uses
+    now. When the study recorded its runs under another URI (a fresh store, another
+    server, a moved project), every finished trial's run is looked up here; any missing
+    stops the sweep with ConfigError saying where they are and what to do. Reads Optuna
+    only while the store is the one recorded (the fast path of a finished re-run)."""
+    if not store.exists(spec.optuna_name):
+        return
+    study = load_study(spec, store)
+    here = tracking.redact(uri)
+    recorded = study.user_attrs.get(STORE_ATTR)
+    if recorded == here:
+        return
+    from optuna.trial import TrialState
+
+    done = [
+        t.user_attrs["mlflow_run_id"]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("mlflow_run_id")
+    ]
+    missing = len(done) - len(tracking.finished_runs(uri, done))
+    if missing:
+        where = f"recorded in {recorded}" if recorded else "recorded in another store"
+        raise ConfigError(
+            "tracking.uri",
+            f"study {spec.name!r}: {missing} of its {len(done)} finished runs are not in "
+            f"{here} ({where})",
+            f"that store ($MLFLOW_TRACKING_URI or tracking.uri), or `sgdnoise sweep "
+            f"{spec.name} --restart` to run the study again into {here}",
+        )
+    study.set_user_attr(STORE_ATTR, here)  # the same runs, reached through another URI
 
 
 def finished_already(spec: StudySpec, store: SweepStorage) -> dict[str, int] | None:
