@@ -237,7 +237,7 @@ def lr_vs_budget(t: pd.DataFrame, title: str, out_dir: Path) -> list[Path]:
     cols += [
         f"{p}_{c}" for p in ("train", "test") for c in ("lr_opt", "lr_lo", "lr_hi", "lr_ratio")
     ]
-    return _save(fig, t[cols], out_dir, "lr_vs_budget")
+    return _save(fig, t[cols].assign(series=t["optimizer"]), out_dir, "lr_vs_budget")
 
 
 def noise_scale_vs_progress(curve: pd.DataFrame, title: str, out_dir: Path) -> list[Path]:
@@ -257,7 +257,10 @@ def noise_scale_vs_progress(curve: pd.DataFrame, title: str, out_dir: Path) -> l
     ax.set_title(f"{title}: gradient noise scale along training (one line per run)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(title="optimizer")
-    return _save(fig, curve.drop(columns="run_id"), out_dir, "noise_scale_vs_progress")
+    data = curve.drop(columns="run_id")
+    # One line per run in `dvc plots show` too (its templates colour by `series`).
+    data.insert(0, "series", data["optimizer"] + " seed " + data["seed"].astype(str))
+    return _save(fig, data, out_dir, "noise_scale_vs_progress")
 
 
 def two_regimes(

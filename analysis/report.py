@@ -279,4 +279,54 @@ def _write(out_dir: Path, text: str, main: pd.DataFrame, summary: dict[str, Any]
     md.write_text(text)
     main.to_csv(csv, index=False)
     js.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    return [md, csv, js]
+    headline = out_dir / "metrics.json"
+    headline.write_text(json.dumps(headline_metrics(summary), indent=2) + "\n")
+    return [md, csv, js, headline]
+
+
+def headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers `dvc metrics show` prints per study (summary.json holds the rest):
+    per series its B_crit with the 95 % interval and its best metric; per optimizer
+    of an epoch-budget study the falls of the train- and test-optimal ε_eff; per optimizer
+    of a noise-scale study the measured B_simple."""
+    kind, groups = summary.get("kind"), summary.get("groups", {})
+    out: dict[str, Any] = {"runs": summary.get("n_runs")}
+    if kind == "noise_scale":
+        for opt, g in groups.items():
+            out[opt] = {"B_simple": _round(g.get("b_simple"))}
+        return out
+    if kind == "epoch_budget":
+        by_opt: dict[str, list[dict[str, Any]]] = {}
+        for key, g in groups.items():
+            by_opt.setdefault(key.rpartition("/")[0], []).append(g)
+        for opt, gs in by_opt.items():
+            gs = sorted(gs, key=lambda g: g["budget"])
+            out[opt] = {
+                "train_lr_fall": _fall(gs[0], gs[-1], "train_lr_opt"),
+                "test_lr_fall": _fall(gs[0], gs[-1], "test_lr_opt"),
+                "best": _round(max((g.get("metric_mean") or -1e300) for g in gs)),
+            }
+        return out
+    sign = 1.0 if summary.get("direction") == "maximize" else -1.0
+    for series, r in summary.get("regimes", {}).items():
+        mine = [(g["metric_mean"], int(k.rpartition("=")[2])) for k, g in groups.items()
+                if k.startswith(f"{series}/B=") and g.get("metric_mean") is not None]  # fmt: skip
+        best = max(mine, key=lambda m: sign * m[0]) if mine else (None, None)  # (value, B)
+        b_crit = r.get("b_crit")
+        crit = None
+        if b_crit is not None:
+            crit = f"{b_crit:.3g}"
+            if r.get("b_crit_lo") is not None:
+                crit += f" ({r['b_crit_lo']:.3g}-{r['b_crit_hi']:.3g})"
+        out[series] = {"B_crit": crit, "best": _round(best[0])}
+    return out
+
+
+def _fall(first: dict[str, Any], last: dict[str, Any], key: str) -> float | None:
+    """How many times lower the optimum is at the longest budget than at the shortest."""
+    a, b = first.get(key), last.get(key)
+    return _round(a / b) if a and b else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.4g}")

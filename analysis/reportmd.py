@@ -8,6 +8,7 @@ and `dvc repro` sees nothing new.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from analysis.claims import (
     ROLES,
     THRESHOLDS,
     UNKNOWN,
+    VERDICTS,
     Claim,
     StudyResult,
     batch_groups,
@@ -34,7 +36,7 @@ from analysis.figures import two_regimes
 from analysis.tables import fmt_exp
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
-REPORT_NAME, CLAIMS_NAME = "REPORT.md", "claims.json"
+REPORT_NAME, CLAIMS_NAME, CLAIMS_SUMMARY = "REPORT.md", "claims.json", "claims_summary.json"
 
 ROLE_TEXT = {
     "constant_epochs": "constant epoch budget: every batch size B trains for the same number "
@@ -138,6 +140,9 @@ def write_report(
     lead = draw_lead(results_dir, by_role)
     report.write_text(render_report(studies, results, claims, roles, setting, lead))
     (results_dir / CLAIMS_NAME).write_text(claims_to_json(claims))
+    # The verdicts as counts: what `dvc metrics show` prints for the report.
+    tally = {v.replace(" ", "_"): sum(c.verdict == v for c in claims) for v in VERDICTS}
+    (results_dir / CLAIMS_SUMMARY).write_text(json.dumps({"claims": tally}, indent=2) + "\n")
     if readme is not None:
         readme = Path(readme)
         figures = Path(figures_dir) if figures_dir is not None else readme.parent / "docs/figures"

@@ -87,6 +87,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(shrunken_params(), sort_keys=False))
     _run(root, "git", "init", "-q")
     _run(root, "dvc", "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the plot templates
     _run(root, "git", "add", "-A")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     return root
@@ -120,10 +121,22 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(pipeline: Path) -
     assert "| momentum |" in theory and "B_crit / B_simple" in theory
     readme = (pipeline / "README.md").read_text()
     assert "(not generated yet" not in readme and "<!-- study:end -->" in readme
-    metrics = _run(pipeline, "dvc", "metrics", "show", "--json")
-    assert "constant_epochs" in metrics.stdout
+    # dvc metrics: a few headline numbers per study, readable on a screen.
+    shown = json.loads(_run(pipeline, "dvc", "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    epochs = files["results/constant_epochs/metrics.json"]["data"]
+    # (Two batch sizes here: B_crit cannot be fitted, so it is null.)
+    assert set(epochs) == {"runs", "momentum"} and epochs["momentum"]["best"] > 0
+    assert files["results/noise_scale/metrics.json"]["data"]["momentum"]["B_simple"] > 0
+    claims = files["results/claims_summary.json"]["data"]["claims"]
+    assert sum(claims.values()) == 6
+    for name in STUDIES:
+        table = _run(pipeline, "dvc", "metrics", "show", f"results/{name}/metrics.json").stdout
+        assert max(len(line) for line in table.splitlines()) <= 120, table
+    # dvc plots: every figure of the study, B and ε_eff on log2 axes.
     plots = _run(pipeline, "dvc", "plots", "show", "-o", str(pipeline / "plots_html"))
-    assert (pipeline / "plots_html" / "index.html").is_file(), plots.stdout
+    html = (pipeline / "plots_html" / "index.html").read_text()
+    assert html.count('"base": 2') >= 9 and "constant_epochs: optimal" in html, plots.stdout
 
 
 def test_second_repro_runs_nothing(pipeline: Path) -> None:
