@@ -156,3 +156,41 @@ def test_curves_on_a_subset_leave_the_run_and_its_final_metrics_unchanged(projec
     # 50 of 120 test examples: accuracies in steps of 1/50, unlike the full set's 1/120.
     assert all(abs(curve[s] * 50 - round(curve[s] * 50)) < 1e-6 for s in (0, 5, 10, 15))
     assert any(abs(full_curve[s] * 50 - round(full_curve[s] * 50)) > 1e-6 for s in (0, 5, 10, 15))
+
+
+def test_train_shows_progress_a_line_per_evaluation_or_a_bar_on_a_terminal(
+    project: Path,
+) -> None:
+    args = ["train", "--no-track", "-P", "train.eval_points=4"]
+    res = cli(project, *args)
+    assert res.returncode == 0, res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.startswith("step ")]
+    assert [x.split(":")[0] for x in lines] == [
+        "step 0/20 (0%)", "step 5/20 (25%)", "step 10/20 (50%)", "step 15/20 (75%)",
+        "step 20/20 (100%)",
+    ]  # fmt: skip
+    assert "test acc" in lines[-1] and "ex/s" in lines[-1] and "left" in lines[-1]
+    assert not [x for x in cli(project, *args, "--quiet").stderr.splitlines() if "step " in x]
+
+    # On a terminal: a tqdm bar (steps, rate, time left) instead of the lines.
+    import pty
+
+    main, replica = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sgdnoise.cli", *args, "-P", "train.budget.value=64"],
+        cwd=project, stdout=subprocess.DEVNULL, stderr=replica, close_fds=True,
+    )  # fmt: skip
+    os.close(replica)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert "64/64" in text and "ex/s" in text and "step 0/" not in text, text[-2000:]

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     p.add_argument("--save-state", metavar="FILE", help="save the final state_dict (torch.save)")
+    p.add_argument(
+        "--quiet", action="store_true",
+        help="no progress (default: a bar on a terminal, else a line per evaluation on stderr)",
+    )  # fmt: skip
 
     p = sub.add_parser("sweep", help="run a study's grid, each point exactly once")
     _common(p)
@@ -137,7 +141,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from sgdnoise.train import EXIT_PREEMPTED, Preempted, train
 
     try:
-        result = train(cfg, track=not args.no_track, keep_state=bool(args.save_state))
+        result = train(cfg, track=not args.no_track, keep_state=bool(args.save_state),
+                       progress=not args.quiet)  # fmt: skip
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -285,8 +285,12 @@ class Loop:
     """Train `members` on `net` from step `start` (they all stand there) to the budget."""
 
     def __init__(self, s: Setup, net: Any, members: list[Member], start: int,
-                 noise: list[dict[str, Any]] | None, on_done: OnDone):  # fmt: skip
+                 noise: list[dict[str, Any]] | None, on_done: OnDone,
+                 progress: Any = None):  # fmt: skip
+        """`progress`: a sgdnoise.progress.Progress for the first member (one run on the
+        command line), or None."""
         self.s, self.net, self.members, self.start, self.on_done = s, net, members, start, on_done
+        self.progress = progress
         cfg = members[0].cfg
         t = cfg.train
         self.acc, self.autocast = s.acc, s.acc.autocast
@@ -322,6 +326,8 @@ class Loop:
                         if not self._evaluate(s):
                             return
                     losses = self._step(s)
+                    if self.progress is not None and (s + 1) % CHECK_EVERY == 0:
+                        self.progress.update(s + 1)
                     if (s + 1) % CHECK_EVERY == 0 and (gone := self._diverged(losses.tolist())):
                         self._pause()
                         self._retire(gone, "diverged", s + 1)
@@ -342,6 +348,9 @@ class Loop:
                 if m.tracker:
                     m.tracker.fail(status)
             raise
+        finally:
+            if self.progress is not None:
+                self.progress.close()
 
     def _pause(self) -> None:
         self.elapsed += time.perf_counter() - self.t0
@@ -433,6 +442,8 @@ class Loop:
             if g is not None:
                 row["grad_noise_scale"] = g
             self._append(m, step, row, full or self.full_sets is self.curve_sets)
+        if self.progress is not None and self.acc.is_main_process:
+            self.progress.evaluated(step, self.members[0].history[-1])
         return [a[0] for a in tr]
 
     def _append(self, m: Member, step: int, row: dict[str, float], full: bool) -> None:

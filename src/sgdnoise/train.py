@@ -79,8 +79,10 @@ def train(
     extra_tags: dict[str, str] | None = None,
     track: bool = True,
     keep_state: bool = False,
+    progress: bool = False,
 ) -> RunResult:
-    """Train one configuration; log it to MLflow on the main process; return its result."""
+    """Train one configuration; log it to MLflow on the main process; return its result.
+    `progress`: show it on stderr (a bar on a terminal, else a line per evaluation)."""
     from sgdnoise.data.store import load, train_size
     from sgdnoise.models.build import build_model
     from sgdnoise.nets import SingleNet
@@ -114,7 +116,12 @@ def train(
     results: list[RunResult] = []
     noise = [resume["noise"]] if resume is not None and resume.get("noise") else None
     start = int(resume["step"]) if resume is not None else 0
-    Loop(setup, net, members, start, noise, lambda i, r: results.append(r)).run()
+    bar = None
+    if progress and acc.is_main_process:
+        from sgdnoise.progress import Progress
+
+        bar = Progress(setup.total, start, cfg.train.batch_size)
+    Loop(setup, net, members, start, noise, lambda i, r: results.append(r), bar).run()
     return results[0]
 
 
