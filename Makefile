@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # torch and torchvision are pinned to the builds in these machines' local cache.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup study test lint format ui bench clean
+.PHONY: setup study test lint format ui dashboard bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/sgdnoise ui
+
+# make dashboard STUDY=constant_epochs: optuna-dashboard over that study's trials
+STUDY ?= constant_epochs
+dashboard: $(STAMP)
+	$(BIN)/sgdnoise dashboard $(STUDY)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

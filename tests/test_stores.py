@@ -122,3 +122,41 @@ def test_dvc_temporary_experiments_record_runs_in_the_projects_store(tmp_path: P
         steps = {v for (v,) in con.execute(
             "SELECT value FROM params WHERE key = 'train.budget.value'")}  # fmt: skip
     assert steps == {"8.0"}
+
+
+def test_the_dashboard_serves_the_studys_trials_on_loopback(tmp_path: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
+    missing = run(root, "dashboard", "tiny")
+    assert missing.returncode == 2 and "sgdnoise sweep tiny" in missing.stderr
+    assert run(root, "sweep", "tiny").returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SGDNOISE_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "sgdnoise.cli", "dashboard", "tiny",
+                             "--port", str(port)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while studies is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as r:
+                    studies = json.loads(r.read())["study_summaries"]
+            except OSError:
+                time.sleep(0.3)
+        assert studies is not None, "the dashboard did not answer"
+        (study,) = studies
+        assert study["study_name"].startswith("tiny-")
+        url = f"http://127.0.0.1:{port}/api/studies/{study['study_id']}?after=0"
+        with urllib.request.urlopen(url) as r:
+            trials = json.loads(r.read())["trials"]
+        assert len(trials) == 2 and {t["state"] for t in trials} == {"Complete"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--port", type=int, default=5000)
 
+    p = sub.add_parser("dashboard", help="optuna-dashboard over a study's Optuna storage")
+    _common(p)
+    p.add_argument("study")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: local journal)")
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+
     p = sub.add_parser("status", help="progress of a study's sweep")
     _common(p)
     p.add_argument("study")
@@ -208,6 +214,17 @@ def cmd_status(args: argparse.Namespace, extra: list[str]) -> int:
     raw = raw_params(args.params, [*args.overrides, *extra])
     status = study_status(raw, args.study, storage=args.storage)
     print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, extra: list[str]) -> int:
+    from sgdnoise.sweep.dashboard import serve
+
+    raw = raw_params(args.params, [*args.overrides, *extra])
+    try:
+        serve(raw, args.study, storage=args.storage, port=args.port)
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
@@ -347,6 +364,7 @@ COMMANDS = {
     "train": cmd_train,
     "sweep": cmd_sweep,
     "status": cmd_status,
+    "dashboard": cmd_dashboard,
 }
 
 
