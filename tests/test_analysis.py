@@ -421,6 +421,7 @@ def test_analyze_writes_files_and_the_cli_logs_them(store, tmp_path):
         "table.md",
         "table.csv",
         "summary.json",
+        "metrics.json",
         *(
             f"{f}.{ext}"
             for f in (
@@ -438,6 +439,9 @@ def test_analyze_writes_files_and_the_cli_logs_them(store, tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == out["summary"]
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    assert headline["runs"] == summary["n_runs"]
+    assert set(headline) == {"runs", *summary["regimes"]}
     assert (summary["kind"], summary["selection"], summary["metric"], summary["direction"]) == (
         "batch_size",
         "mean_curve",
