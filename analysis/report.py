@@ -52,7 +52,7 @@ def analyze(
     """Analyze a study and write its results under `out_dir`.
 
     Returns {"summary": <the summary.json content>, "markdown": <table.md text>,
-    "files": [written paths]}. Raises LookupError when the study is missing and
+    "files": [written paths], "table": <the main table, as table.csv holds it>}. Raises LookupError when the study is missing and
     ValueError for an unknown selection rule, metric or direction.
     """
     if selection not in RULES:
@@ -96,7 +96,7 @@ def analyze(
 
     text = header + "\n\n" + body + "\n"
     files += _write(out_dir, text, main, summary)
-    return {"summary": summary, "markdown": text, "files": files}
+    return {"summary": summary, "markdown": text, "files": files, "table": main}
 
 
 def _header(

@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 
-from sgdnoise.config import load_config
+from sgdnoise.config import load_config, raw_params
 from sgdnoise.data.prepare import read_meta
 from sgdnoise.pack import forward_flops
 from sgdnoise.paths import prepared_dir
+from sgdnoise.sweep.spec import load_spec
 from sgdnoise.tracking import TAG, client, resolve_uri
 
 # The keys that decide a run's forward FLOPs per example.
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
+    raw = raw_params(root / "params.yaml")
     names = args.studies or (list(cfg.studies) if args.all else [])
     if not names:
         ap.error("name a study or pass --all")
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     everything: list[dict[str, Any]] = []
     for study in names:
         records = [
-            r for run in study_runs(uri, cfg.tracking.experiment, study)
+            r for run in study_runs(uri, load_spec(raw, study).experiment, study)
             if (r := run_record(run, flops, uri)) is not None
         ]  # fmt: skip
         if not records:

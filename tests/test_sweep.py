@@ -112,8 +112,10 @@ def mlflow_runs(root: Path) -> list[dict[str, Any]]:
     with sqlite3.connect(root / "mlflow.db", isolation_level=None) as db:
         db.execute("BEGIN")
         runs = {
-            r: {"run_id": r, "status": s, "name": n, "tags": {}, "params": {}}
-            for r, s, n in db.execute("SELECT run_uuid, status, name FROM runs")
+            r: {"run_id": r, "status": s, "name": n, "lifecycle": life, "tags": {}, "params": {}}
+            for r, s, n, life in db.execute(
+                "SELECT run_uuid, status, name, lifecycle_stage FROM runs"
+            )
         }
         for r, k, v in db.execute("SELECT run_uuid, key, value FROM tags"):
             runs[r]["tags"][k] = v
@@ -267,6 +269,13 @@ def test_kill9_worker_mid_run_then_restart_runs_every_point_once(tmp_path: Path)
     killed = [r for r in children if r["status"] == "KILLED"]
     assert [r["run_id"] for r in killed] == [victim["run_id"]]
     assert killed[0]["tags"]["sgdnoise.trial_number"] == str(failed[0].number)
+    # Superseded: on record, out of the runs table (deleted state), its id on the retry.
+    assert killed[0]["lifecycle"] == "deleted"
+    assert all(r["lifecycle"] == "active" for r in children if r["status"] == "FINISHED")
+    retry = [t for t in trials if t.user_attrs.get("superseded_runs")]
+    assert [t.user_attrs["superseded_runs"] for t in retry] == [[victim["run_id"]]]
+    assert retry[0].state.name == "COMPLETE"
+    assert retry[0].user_attrs["run_key"] == failed[0].user_attrs["run_key"]
 
 
 def test_kill9_of_a_worker_training_a_pack_then_restart_runs_every_point_once(

@@ -266,6 +266,18 @@ def cmd_nqm(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _study_experiment(args: argparse.Namespace, extra: list[str], cfg: Config, study: str) -> str:
+    """The MLflow experiment a study's sweep records into (its fixed keys may name another
+    base experiment); for a study not in params, the default one."""
+    from sgdnoise.contract import study_experiment
+    from sgdnoise.sweep.spec import load_spec
+
+    try:
+        return load_spec(raw_params(args.params, [*args.overrides, *extra]), study).experiment
+    except ConfigError:
+        return study_experiment(cfg.tracking.experiment, study)
+
+
 def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
@@ -282,7 +294,7 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
         res = analyze(
             args.study,
             tracking_uri=resolve_uri(cfg),
-            experiment=cfg.tracking.experiment,
+            experiment=_study_experiment(args, extra, cfg, args.study),
             out_dir=out,
             selection=args.selection,
             metric=metric.get("name"),
@@ -292,9 +304,11 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"error: {args.study}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.no_log:
-        from sgdnoise.tracking import log_analysis
+        from sgdnoise.tracking import log_analysis, log_study_results
 
-        log_analysis(resolve_uri(cfg), res["summary"]["parent_run_id"], res["files"])
+        parent = res["summary"]["parent_run_id"]
+        log_analysis(resolve_uri(cfg), parent, res["files"])
+        log_study_results(resolve_uri(cfg), parent, res["summary"], res["table"])
     print(res["markdown"])
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -340,19 +354,49 @@ def _copy_theory_figures(root) -> None:
 
 
 def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
-    import subprocess
+    """A light MLflow server over the project's store (see sgdnoise.server), and per study
+    the links to its runs table and its parent run in the model-training view. Over a
+    tracking server (an http URI) only the links are printed."""
+    import signal
 
-    from sgdnoise.tracking import client, experiment_id, redact, resolve_uri
+    from sgdnoise import server
+    from sgdnoise.tracking import redact, resolve_uri
 
     cfg = _config(args, extra)
     uri = resolve_uri(cfg)
-    exp = experiment_id(client(uri), cfg.tracking.experiment)
-    base = f"http://127.0.0.1:{args.port}"
-    # A fresh browser opens the GenAI view; this link lands on the runs table.
-    print(f"runs: {base}/#/experiments/{exp}/runs?workflowType=machine_learning")
-    print(f"store: {redact(uri)}", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call([*cmd, "--backend-store-uri", uri])
+    if uri.startswith(("http://", "https://")):
+        _print_links(uri, uri.rstrip("/"), cfg.tracking.experiment)
+        return 0
+    proc = server.start(uri, args.port)
+    # Ctrl-C and SIGTERM both end in stop(): the server's process group goes with us.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        base = server.wait_ready(proc, args.port)
+        print(f"store: {redact(uri)}\nserving {base} (Ctrl-C stops it)")
+        _print_links(uri, base, cfg.tracking.experiment)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as e:
+        print(f"error: {e} (is port {args.port} taken? --port chooses another)", file=sys.stderr)
+        return 1
+    finally:
+        server.stop(proc)
+
+
+def _print_links(uri: str, base: str, experiment: str) -> None:
+    from sgdnoise.server import TRAINING_VIEW, study_links
+    from sgdnoise.tracking import client, experiment_id
+
+    links = study_links(uri, base, experiment)
+    for s in links:
+        print(f"{s.study}:\n  runs:   {s.runs}")
+        if s.parent:
+            print(f"  parent: {s.parent}")
+    if not links:
+        print("no studies recorded yet (make study, or sgdnoise sweep STUDY)")
+    exp = experiment_id(client(uri), experiment)
+    print(f"single runs: {base}/#/experiments/{exp}/runs?{TRAINING_VIEW}", flush=True)
 
 
 COMMANDS = {

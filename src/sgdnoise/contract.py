@@ -37,3 +37,9 @@ EPOCHS = "epochs"
 EXAMPLES_PER_SECOND = "examples_per_second"
 GRAD_NOISE_SCALE = "grad_noise_scale"  # B_simple, where accumulation measured it
 STEPS_TO_TARGET = "steps_to_target"  # the NQM with nqm.target set
+
+
+def study_experiment(base: str, study: str) -> str:
+    """The MLflow experiment of a study: `<tracking.experiment>/<study>`, so that each
+    study's grid is one click from the experiments page (single runs stay in `base`)."""
+    return f"{base}/{study}"

@@ -144,8 +144,11 @@ class RunTracker:
         self.auto_flush = auto_flush
 
     def resume(self, run_id: str) -> str:
-        """Continue a run from its checkpoint: same run id, params already logged."""
+        """Continue a run from its checkpoint: same run id, params already logged (restored
+        first if the sweep moved it aside as superseded: see kill_children)."""
         self.run_id = run_id
+        if self.mlf.get_run(run_id).info.lifecycle_stage == "deleted":
+            self.mlf.restore_run(run_id)
         self.mlf.update_run(run_id, status="RUNNING")
         return run_id
 
@@ -372,12 +375,16 @@ def finished_child(
 def kill_children(
     uri: str, parent_run_id: str, trial_number: int, statuses: tuple[str, ...] = ("RUNNING",)
 ) -> list[str]:
-    """Mark a dead or interrupted trial's child runs KILLED (never left RUNNING)."""
+    """Mark a dead or interrupted trial's child runs KILLED (never left RUNNING) and move
+    them to MLflow's deleted state: superseded by the point's next attempt, they stay on
+    record (the trial keeps their ids; `mlflow gc` never runs here) but out of the runs
+    table, which then shows the grid. A checkpointed run resumed later is restored."""
     mlf = client(uri)
     out = []
     for run in child_runs(uri, parent_run_id, trial_number=trial_number):
         if run.info.status in statuses:
             mlf.set_terminated(run.info.run_id, "KILLED")
+            mlf.delete_run(run.info.run_id)
             out.append(run.info.run_id)
     return out
 
@@ -418,6 +425,43 @@ def log_analysis(uri: str, run_id: str, files: list[Path], artifact_path: str = 
     mlf = client(uri)
     for path in files:
         mlf.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_study_results(uri: str, run_id: str, summary: Mapping[str, Any], table: Any) -> None:
+    """A study's results as native MLflow data on its parent run, so that the UI draws the
+    paper's figures: per series, the optimal ε_eff and the best test metric with step = B
+    (or = the budget for an epoch-budget study), B_crit and the measured B_simple; and the
+    main table (`analysis/table.json`, rendered by the artifact view)."""
+    from mlflow.entities import Metric
+
+    ts, metrics = int(time.time() * 1000), []
+
+    def add(key: str, value: Any, step: int = 0) -> None:
+        if isinstance(value, int | float) and math.isfinite(value):
+            metrics.append(Metric(key, float(value), ts, int(step)))
+
+    name = str(summary.get("metric", "metric")).replace("final_", "")
+    for key, g in summary.get("groups", {}).items():
+        series, _, rest = key.rpartition("/")
+        if summary.get("kind") == "epoch_budget":
+            step = int(g.get("budget") or 0)
+            add(f"train_optimal_lr_eff/{series}", g.get("train_lr_opt"), step)
+            add(f"test_optimal_lr_eff/{series}", g.get("test_lr_opt"), step)
+            add(f"best_{name}/{series}", g.get("metric_mean"), step)
+        elif summary.get("kind") == "noise_scale":
+            add(f"B_simple/{rest or key}", g.get("b_simple"))
+        elif rest.startswith("B="):
+            step = int(rest[2:])
+            add(f"optimal_lr_eff/{series}", g.get("lr_opt"), step)
+            add(f"best_{name}/{series}", g.get("metric_mean"), step)
+            add(f"train_loss_at_optimum/{series}", g.get("train_loss_at_opt"), step)
+    for series, r in summary.get("regimes", {}).items():
+        add(f"B_crit/{series}", r.get("b_crit"))
+    mlf = client(uri)
+    for i in range(0, len(metrics), 900):  # log_batch takes at most 1000 metrics
+        mlf.log_batch(run_id, metrics=metrics[i : i + 900])
+    if table is not None and len(table):
+        mlf.log_table(run_id, data=table, artifact_file="analysis/table.json")
 
 
 def release_connections(uri: str) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sgdnoise.config import Config, ConfigError, from_dict, public_keys, with_values
+from sgdnoise.contract import study_experiment
 
 LR_KEY = "train.lr_eff"
 SEED_KEY = "train.seed"
@@ -112,7 +113,7 @@ class StudySpec:
     lr_ratio: float  # one extension step: the power base, or 2 for a plain list
     points: list[Point] = field(repr=False)
     grid_hash: str = ""
-    experiment: str = "sgdnoise"
+    experiment: str = "sgdnoise"  # the study's MLflow experiment (contract.study_experiment)
 
     @property
     def optuna_name(self) -> str:
@@ -128,8 +129,11 @@ class StudySpec:
         return (min(lrs), max(lrs)) if lrs else None
 
     def config(self, values: Mapping[str, Any], threads: int | None = None) -> Config:
-        """The resolved config of a grid point (threads: this worker's share of the cores)."""
-        extra = {"train.threads": threads} if threads is not None else {}
+        """The resolved config of a grid point (threads: this worker's share of the cores),
+        recorded in the study's own MLflow experiment."""
+        extra: dict[str, Any] = {"tracking.experiment": self.experiment}
+        if threads is not None:
+            extra["train.threads"] = threads
         return from_dict(with_values(self.raw, {**self.fixed, **values, **extra}))
 
     def point(self, values: Mapping[str, Any]) -> Point:
@@ -213,7 +217,7 @@ def load_spec(raw: Mapping[str, Any], name: str) -> StudySpec:
     spec = StudySpec(
         name=name, raw=raw, fixed=fixed, axes=axes, metric=metric, edges=edges,
         heartbeat=heartbeat, lr_ratio=lr_ratio, points=[],
-        experiment=base.tracking.experiment,
+        experiment=study_experiment(workload.tracking.experiment, name),
     )  # fmt: skip
     return _with_points(spec)
 

@@ -234,7 +234,7 @@ def recover(ctx: SweepContext, study: Any, live: Any, state: GridState, log) -> 
             killed = []
             log(f"trial {t.number}: could not mark its MLflow run KILLED ({type(e).__name__})")
         point = ctx.spec.point(json.loads(t.user_attrs["point"]))
-        enqueue(study, ctx.spec, point, t.user_attrs.get("origin", "grid"))
+        enqueue(study, ctx.spec, point, t.user_attrs.get("origin", "grid"), killed)
         who = t.user_attrs.get("worker", "an unknown worker")
         log(
             f"trial {t.number} {point.run_name}: worker {who} is dead; point queued again"

@@ -47,9 +47,12 @@ def distributions(spec: StudySpec, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def enqueue(study: Any, spec: StudySpec, point: Point, origin: str) -> None:
+def enqueue(
+    study: Any, spec: StudySpec, point: Point, origin: str, superseded: list[str] | None = None
+) -> None:
     """Add one WAITING trial for `point`. Callers hold the study lock and know the point
-    has no live trial."""
+    has no live trial. `superseded`: the MLflow runs of the point's previous attempt, moved
+    aside (kept on this trial: a finished trial's attributes cannot change)."""
     from optuna.trial import TrialState, create_trial
 
     params = dict(point.values)
@@ -64,6 +67,7 @@ def enqueue(study: Any, spec: StudySpec, point: Point, origin: str) -> None:
                 "point": json.dumps(params, sort_keys=True),
                 "origin": origin,
                 "run_name": point.run_name,
+                **({"superseded_runs": superseded} if superseded else {}),
             },
         )
     )

@@ -376,12 +376,17 @@ class Worker:
             if interrupted:
                 # Stopped from outside (Ctrl-C, SIGTERM): the point itself is fine; queue it
                 # again now. With checkpoints on, whoever runs it next resumes the run.
+                try:
+                    killed = tracking.kill_children(
+                        self.ctx.tracking_uri, self.ctx.parent_run_id, t.number,
+                        ("RUNNING", "FAILED"),
+                    )  # fmt: skip
+                except Exception:  # the tracking store may be down: requeue all the same
+                    killed = []
                 with self.store.lock(self.spec.optuna_name):
-                    enqueue(self.study, self.spec, self.spec.point(json.loads(t.user_attrs["point"])),
-                            t.user_attrs.get("origin", "grid"))  # fmt: skip
-                tracking.kill_children(
-                    self.ctx.tracking_uri, self.ctx.parent_run_id, t.number, ("RUNNING", "FAILED")
-                )
+                    point = self.spec.point(json.loads(t.user_attrs["point"]))
+                    enqueue(self.study, self.spec, point, t.user_attrs.get("origin", "grid"),
+                            killed)  # fmt: skip
         except Exception:  # keep the original error visible
             pass
         if not interrupted:
