@@ -239,27 +239,20 @@ def cmd_nqm(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
+    """sgdnoise.api.analyze (what a notebook calls too), then the files logged to MLflow."""
     from pathlib import Path
 
+    from sgdnoise.api import analyze
     from sgdnoise.paths import project_root
     from sgdnoise.tracking import resolve_uri
 
     cfg = _config(args, extra)
-    spec = cfg.studies.get(args.study) or {}
-    metric = spec.get("metric") or {} if isinstance(spec, dict) else {}
     out = Path(args.out) if args.out else project_root() / "results" / args.study
-    from analysis import analyze
-
     try:
         res = analyze(
-            args.study,
-            tracking_uri=resolve_uri(cfg),
-            experiment=cfg.tracking.experiment,
-            out_dir=out,
-            selection=args.selection,
-            metric=metric.get("name"),
-            direction=metric.get("direction"),
-        )
+            args.study, out=out, selection=args.selection, params=args.params,
+            overrides=[*args.overrides, *extra],
+        )  # fmt: skip
     except LookupError as e:
         print(f"error: {args.study}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
