@@ -23,12 +23,14 @@ __all__ = ["analyze", "load_runs", "load_table"]
 def _store(
     params: str | Path | None, overrides: Iterable[str], tracking_uri: str | None,
     experiment: str | None,
-) -> tuple[str, str, Any]:  # fmt: skip
-    from sgdnoise.config import load_config
+) -> tuple[str, str, dict[str, Any]]:  # fmt: skip
+    """(tracking URI, experiment, studies) from the params: reading needs nothing else."""
+    from sgdnoise.config import raw_params, store_config
     from sgdnoise.tracking import resolve_uri
 
-    cfg = load_config(params, list(overrides))
-    return tracking_uri or resolve_uri(cfg), experiment or cfg.tracking.experiment, cfg
+    cfg = store_config(raw_params(params, list(overrides)))
+    uri = tracking_uri or resolve_uri(cfg)
+    return uri, experiment or cfg.tracking.experiment, dict(cfg.studies)
 
 
 def load_runs(
@@ -82,21 +84,22 @@ def analyze(
     tracking_uri: str | None = None,
     experiment: str | None = None,
 ) -> dict[str, Any]:
-    """Analyze a study: {"table", "runs" (DataFrames), "markdown", "summary", "files"}, with
-    table.md/csv, summary.json and the figures written under `out` (None: nothing written).
-    Raises LookupError when the study has no finished runs in the store."""
+    """Analyze a study: {"table", "runs" (DataFrames), "markdown", "summary", "files",
+    "tracking_uri"}, with table.md/csv, summary.json and the figures written under `out`
+    (None: nothing written). Raises LookupError when the study has no finished runs."""
     from analysis import analyze as run_analysis
 
-    uri, exp, cfg = _store(params, overrides, tracking_uri, experiment)
+    uri, exp, studies = _store(params, overrides, tracking_uri, experiment)
     if not _exists(uri):
         raise LookupError(f"study {study!r}: no tracking store at {uri}")
-    spec = cfg.studies.get(study) or {}
+    spec = studies.get(study) or {}
     declared = (spec.get("metric") or {}) if isinstance(spec, dict) else {}
-    return run_analysis(
+    res = run_analysis(
         study, tracking_uri=uri, experiment=exp, out_dir=Path(out) if out is not None else None,
         selection=selection, metric=metric or declared.get("name"),
         direction=direction or (None if metric else declared.get("direction")),
     )  # fmt: skip
+    return {**res, "tracking_uri": uri}
 
 
 def _exists(uri: str) -> bool:

@@ -244,9 +244,7 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
 
     from sgdnoise.api import analyze
     from sgdnoise.paths import project_root
-    from sgdnoise.tracking import resolve_uri
 
-    cfg = _config(args, extra)
     out = Path(args.out) if args.out else project_root() / "results" / args.study
     try:
         res = analyze(
@@ -259,7 +257,7 @@ def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
     if not args.no_log:
         from sgdnoise.tracking import log_analysis
 
-        log_analysis(resolve_uri(cfg), res["summary"]["parent_run_id"], res["files"])
+        log_analysis(res["tracking_uri"], res["summary"]["parent_run_id"], res["files"])
     print(res["markdown"])
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -272,8 +270,11 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     root = project_root()
     m, t, d = cfg.model, cfg.train, cfg.data
     size = f"{m.depth}x{m.width}" if m.depth else ""
+    data = f"{d.name} ({d.num_samples} examples)"
+    if d.source_sha256:  # the user's data
+        data = f"{d.name} ({d.path})" if d.path else d.name
     setting = (
-        f"{d.name} ({d.num_samples} examples), {m.name} {size} norm={m.norm}, "
+        f"{data}, {m.name} {size} norm={m.norm}, "
         f"{t.schedule} schedule, weight decay {t.weight_decay:g}"
     )
     from analysis import write_report

@@ -536,6 +536,17 @@ def from_dict(raw: Mapping[str, Any], *, num_processes: int | None = None) -> Co
     return _resolve(cfg, num_processes)
 
 
+def store_config(raw: Mapping[str, Any]) -> Config:
+    """What reading the tracking store needs: `raw`'s tracking section (validated) and its
+    studies, the rest left at defaults and unresolved (resolving would read the user's data
+    and code, which a reader of finished runs may no longer have)."""
+    studies = raw.get("studies") or {}
+    if not isinstance(studies, Mapping):
+        raise ConfigError("studies", "is not a mapping", "a mapping of study names to studies")
+    tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking.")
+    return Config(tracking=tracking, studies=dict(studies))
+
+
 def _resolve(cfg: Config, processes: int) -> Config:
     """Fill derived values and reject impossible combinations."""
     d, m, t = _resolve_data(cfg.data), _resolve_model(cfg.model), cfg.train

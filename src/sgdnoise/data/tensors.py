@@ -76,7 +76,7 @@ def _call(path: str, root: Path | None) -> dict[str, Any]:
     except Exception as e:
         raise ConfigError("data.name", f"{path}() raised {first_line(e)}", allowed) from None
     if not isinstance(out, Mapping):
-        raise ConfigError("data.name", f"{path}() returned a {type(out).__name__}", allowed)
+        raise ConfigError("data.name", f"{path}() returned a value of type {type(out).__name__}", allowed)
     return dict(out)
 
 
@@ -158,7 +158,7 @@ def _num_classes(cfg: DataConfig, ys: list[torch.Tensor], bad) -> int:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or (k is not None and hi >= k):
             label = lo if lo < 0 else hi
-            limit = f"0 .. {k - 1} (data.num_classes = {k})" if k else "labels >= 0"
+            limit = f"0 .. {k - 1} (data.num_classes = {k})" if k else ">= 0"
             raise bad(f"{name} holds label {label}, out of range", f"integer labels {limit}")
     return k if k is not None else 1 + max(int(y.max()) for y in ys if len(y))
 

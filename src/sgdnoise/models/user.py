@@ -42,7 +42,7 @@ def build_user_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes
         ) from None  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            "model.name", f"{call} returned a {type(model).__name__}, not an nn.Module",
+            "model.name", f"{call} returned a value of type {type(model).__name__}, not an nn.Module",
             "a factory that returns a torch.nn.Module",
         )  # fmt: skip
     return apply_norm(model, cfg.norm, cfg.ghost_batch_size, cfg.name)
