@@ -287,8 +287,9 @@ def test_a_callable_normalization_and_reconstruction(
     # Inputs only: the model reconstructs them (test loss, no accuracy).
     a = arrays()
     np.savez(root / "inputs.npz", train_x=a["train_x"], test_x=a["test_x"])
-    values = {"data.name": "tensors", "data.path": "inputs.npz", "model.name": "nets.py:autoencoder",
-              "model.norm": "none", "train.batch_size": 16, "train.budget.value": 3}  # fmt: skip
+    values = {"data.name": "tensors", "data.path": "inputs.npz", "train.batch_size": 16,
+              "model.name": "nets.py:autoencoder", "model.norm": "none",
+              "train.budget.value": 3}  # fmt: skip
     result = train(from_dict(with_values(BASE, values)), root=root, track=False)
     assert result.status == "finished"
     assert "final_test_loss" in result.metrics and "final_test_accuracy" not in result.metrics

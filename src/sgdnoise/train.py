@@ -86,7 +86,8 @@ def preflight(cfg: Config, root: Path) -> None:
     if needs_check(cfg):
         from sgdnoise.models.check import check_model
 
-        check_model(cfg.model, facts.input_shape, facts.num_classes, facts.task)
+        task = task_of(cfg, {"task": facts.task})
+        check_model(cfg.model, facts.input_shape, facts.num_classes, task)
 
 
 def augmentation(data: Any) -> str | None:

@@ -76,7 +76,9 @@ def _call(path: str, root: Path | None) -> dict[str, Any]:
     except Exception as e:
         raise ConfigError("data.name", f"{path}() raised {first_line(e)}", allowed) from None
     if not isinstance(out, Mapping):
-        raise ConfigError("data.name", f"{path}() returned a value of type {type(out).__name__}", allowed)
+        raise ConfigError(
+            "data.name", f"{path}() returned a value of type {type(out).__name__}", allowed
+        )
     return dict(out)
 
 
@@ -108,8 +110,12 @@ def _source(cfg: DataConfig, key: str, where: str, arrays: dict[str, Any]) -> So
         num_classes = 0
     shape = tuple(int(s) for s in xs[0].shape[1:])
     if cfg.augment == "crop_flip" and len(shape) != 3:
-        raise ConfigError("data.augment", f"crop_flip needs images (N, C, H, W); {where} holds "
-                          f"inputs (N, {', '.join(map(str, shape))})", "null for these inputs")  # fmt: skip
+        inputs = ", ".join(map(str, shape))
+        raise ConfigError(
+            "data.augment",
+            f"crop_flip needs images (N, C, H, W); {where} holds inputs (N, {inputs})",
+            "null for these inputs",
+        )  # fmt: skip
     norm = None
     if cfg.normalize == "channel":
         xs, norm = _standardize(xs)

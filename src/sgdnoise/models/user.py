@@ -41,8 +41,9 @@ def build_user_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes
             "a factory(input_shape, num_classes, **model.kwargs) that returns an nn.Module",
         ) from None  # fmt: skip
     if not isinstance(model, nn.Module):
+        kind = type(model).__name__
         raise ConfigError(
-            "model.name", f"{call} returned a value of type {type(model).__name__}, not an nn.Module",
+            "model.name", f"{call} returned a value of type {kind}, not an nn.Module",
             "a factory that returns a torch.nn.Module",
         )  # fmt: skip
     return apply_norm(model, cfg.norm, cfg.ghost_batch_size, cfg.name)
@@ -50,8 +51,9 @@ def build_user_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes
 
 def batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every batch norm layer of `model` (any kind), by name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-            and not isinstance(m, nn.modules.instancenorm._InstanceNorm)]  # fmt: skip
+    norms, instance = nn.modules.batchnorm._NormBase, nn.modules.instancenorm._InstanceNorm
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, norms) and not isinstance(m, instance)]  # fmt: skip
 
 
 def apply_norm(

@@ -105,7 +105,7 @@ def check_points(spec: StudySpec, root: Path) -> list[tuple[Config, Any]]:
     from sgdnoise.data.store import describe
     from sgdnoise.models.check import check_model
     from sgdnoise.sweep.spec import ACCURACY_METRICS
-    from sgdnoise.train import needs_check
+    from sgdnoise.train import needs_check, task_of
     from sgdnoise.usercode import is_import_path
 
     facts: dict[str, Any] = {}
@@ -127,7 +127,7 @@ def check_points(spec: StudySpec, root: Path) -> list[tuple[Config, Any]]:
         check_batch_size(cfg, f.n_train)
         model_key = key + repr(cfg.model)
         if needs_check(cfg) and model_key not in checked:
-            check_model(cfg.model, f.input_shape, f.num_classes, f.task)
+            check_model(cfg.model, f.input_shape, f.num_classes, task_of(cfg, {"task": f.task}))
             checked[model_key] = (cfg, f)
     return [(c, f) for c, f in checked.values() if is_import_path(c.model.name)]
 
