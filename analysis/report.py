@@ -44,16 +44,18 @@ def analyze(
     *,
     tracking_uri: str,
     experiment: str,
-    out_dir: Path,
+    out_dir: Path | None,
     selection: str = "per_seed",
     metric: str | None = None,
     direction: str | None = None,
 ) -> dict[str, Any]:
-    """Analyze a study and write its results under `out_dir`.
+    """Analyze a study and write its results under `out_dir` (None: write nothing, e.g. for
+    a notebook that wants the table alone).
 
     Returns {"summary": <the summary.json content>, "markdown": <table.md text>,
-    "files": [written paths], "table": <the main table, as table.csv holds it>}. Raises LookupError when the study is missing and
-    ValueError for an unknown selection rule, metric or direction.
+    "table": <table.csv as a DataFrame>, "runs": <the study's runs, one row each>,
+    "files": [written paths]}. Raises LookupError when the study is missing and ValueError
+    for an unknown selection rule, metric or direction.
     """
     if selection not in RULES:
         raise ValueError(f"selection {selection!r} is not one of {', '.join(RULES)}")
@@ -69,8 +71,9 @@ def analyze(
     table = runs.table
     objective = default_objective(table, metric, direction)
     kind = "noise_scale" if noise.is_noise_scale_study(table) else study_kind(table)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     summary: dict[str, Any] = {
         "study": study,
@@ -95,8 +98,9 @@ def analyze(
         body, main, files = _batch_size(table, objective, rule, study, out_dir, summary)
 
     text = header + "\n\n" + body + "\n"
-    files += _write(out_dir, text, main, summary)
-    return {"summary": summary, "markdown": text, "files": files, "table": main}
+    if out_dir is not None:
+        files += _write(out_dir, text, main, summary)
+    return {"summary": summary, "markdown": text, "table": main, "runs": table, "files": files}
 
 
 def _header(
@@ -124,7 +128,7 @@ def _batch_size(
     objective: Objective,
     rule: Rule,
     study: str,
-    out_dir: Path,
+    out_dir: Path | None,
     summary: dict[str, Any],
 ) -> tuple[str, pd.DataFrame, list[Path]]:
     t = batch_size_table(table, objective, rule)
@@ -176,10 +180,12 @@ def _batch_size(
         for s, g in regimes.items()
     }
     title = f"{study}"
-    files = figures.best_metric_vs_batch(t, title, out_dir)
-    files += figures.optimal_lr_vs_batch(t, regimes, title, out_dir)
-    files += figures.train_loss_vs_batch(t, title, out_dir)
-    files += figures.metric_vs_lr(df, objective.metric, "batch_size", "B", title, out_dir)
+    files: list[Path] = []
+    if out_dir is not None:
+        files += figures.best_metric_vs_batch(t, title, out_dir)
+        files += figures.optimal_lr_vs_batch(t, regimes, title, out_dir)
+        files += figures.train_loss_vs_batch(t, title, out_dir)
+        files += figures.metric_vs_lr(df, objective.metric, "batch_size", "B", title, out_dir)
     body = batch_size_markdown(t, labels) + "\n\n## Regimes\n\n" + _regimes_markdown(regimes)
     return body, t, files
 
@@ -207,7 +213,7 @@ def _epoch_budget(
     objective: Objective,
     rule: Rule,
     study: str,
-    out_dir: Path,
+    out_dir: Path | None,
     summary: dict[str, Any],
 ) -> tuple[str, pd.DataFrame, list[Path]]:
     t = epoch_budget_table(table, objective, rule)
@@ -237,6 +243,8 @@ def _epoch_budget(
         for r in t.itertuples()
     }
     df = table.assign(series=table["optimizer"])
+    if out_dir is None:
+        return epoch_budget_markdown(t), t, []
     files = figures.lr_vs_budget(t, study, out_dir)
     files += figures.metric_vs_lr(
         df, objective.metric, "budget_value", "budget", study, out_dir, name="metric_vs_lr"
@@ -248,12 +256,16 @@ def _epoch_budget(
 
 
 def _noise_scale(
-    table: pd.DataFrame, history: pd.DataFrame, study: str, out_dir: Path, summary: dict[str, Any]
+    table: pd.DataFrame,
+    history: pd.DataFrame,
+    study: str,
+    out_dir: Path | None,
+    summary: dict[str, Any],
 ) -> tuple[str, pd.DataFrame, list[Path]]:
     curve = noise.curves(table, history)
     t = noise.summarize(table, curve)
     summary["groups"] = {r["optimizer"]: _clean(r) for r in t.to_dict("records")}
-    files = figures.noise_scale_vs_progress(curve, study, out_dir)
+    files = [] if out_dir is None else figures.noise_scale_vs_progress(curve, study, out_dir)
     text = (
         "Gradient noise scale B_simple = tr(Σ)/|G|², estimated at every evaluation over the "
         "steps since the previous one; per run the median of its windows, per optimizer the "

@@ -266,49 +266,28 @@ def cmd_nqm(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _study_experiment(args: argparse.Namespace, extra: list[str], cfg: Config, study: str) -> str:
-    """The MLflow experiment a study's sweep records into (its fixed keys may name another
-    base experiment); for a study not in params, the default one."""
-    from sgdnoise.contract import study_experiment
-    from sgdnoise.sweep.spec import load_spec
-
-    try:
-        return load_spec(raw_params(args.params, [*args.overrides, *extra]), study).experiment
-    except ConfigError:
-        return study_experiment(cfg.tracking.experiment, study)
-
-
 def cmd_analyze(args: argparse.Namespace, extra: list[str]) -> int:
+    """sgdnoise.api.analyze (what a notebook calls too), then the files logged to MLflow."""
     from pathlib import Path
 
+    from sgdnoise.api import analyze
     from sgdnoise.paths import project_root
-    from sgdnoise.tracking import resolve_uri
 
-    cfg = _config(args, extra)
-    spec = cfg.studies.get(args.study) or {}
-    metric = spec.get("metric") or {} if isinstance(spec, dict) else {}
     out = Path(args.out) if args.out else project_root() / "results" / args.study
-    from analysis import analyze
-
     try:
         res = analyze(
-            args.study,
-            tracking_uri=resolve_uri(cfg),
-            experiment=_study_experiment(args, extra, cfg, args.study),
-            out_dir=out,
-            selection=args.selection,
-            metric=metric.get("name"),
-            direction=metric.get("direction"),
-        )
+            args.study, out=out, selection=args.selection, params=args.params,
+            overrides=[*args.overrides, *extra],
+        )  # fmt: skip
     except LookupError as e:
         print(f"error: {args.study}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.no_log:
         from sgdnoise.tracking import log_analysis, log_study_results
 
-        parent = res["summary"]["parent_run_id"]
-        log_analysis(resolve_uri(cfg), parent, res["files"])
-        log_study_results(resolve_uri(cfg), parent, res["summary"], res["table"])
+        parent, uri = res["summary"]["parent_run_id"], res["tracking_uri"]
+        log_analysis(uri, parent, res["files"])
+        log_study_results(uri, parent, res["summary"], res["table"])
     print(res["markdown"])
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -321,8 +300,11 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     root = project_root()
     m, t, d = cfg.model, cfg.train, cfg.data
     size = f"{m.depth}x{m.width}" if m.depth else ""
+    data = f"{d.name} ({d.num_samples} examples)"
+    if d.source_sha256:  # the user's data
+        data = f"{d.name} ({d.path})" if d.path else d.name
     setting = (
-        f"{d.name} ({d.num_samples} examples), {m.name} {size} norm={m.norm}, "
+        f"{data}, {m.name} {size} norm={m.norm}, "
         f"{t.schedule} schedule, weight decay {t.weight_decay:g}"
     )
     from analysis import write_report

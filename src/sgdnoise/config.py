@@ -20,8 +20,11 @@ from typing import Any
 
 import yaml
 
-from sgdnoise.data import DATASETS
-from sgdnoise.models import INPUT_KINDS, MODEL_DEFAULTS, MODEL_NORMS
+from sgdnoise.data import DATASETS, USER_DATA
+from sgdnoise.data.files import data_path_sha256
+from sgdnoise.models import INPUT_KINDS, MODEL_DEFAULTS, MODEL_NORMS, USER_NORMS
+from sgdnoise.paths import resolve_under_root
+from sgdnoise.usercode import UserCodeError, is_import_path, source_sha256
 
 SCHEDULES = ("smith2020", "constant", "cosine", "step")
 
@@ -43,10 +46,12 @@ def spec(
     allowed: str | None = None,
     nullable: bool = False,
     identity: bool | str = True,
+    derived: bool = False,
 ) -> Any:
     """A config field. `identity=False` keys do not change what is trained (paths, devices,
     micro-batching, tracking), so they stay out of the run key; `identity="when_set"` keys
-    count only when not null (keys added later that must not change existing run keys)."""
+    count only when not null and not an empty mapping (keys added later that must not change
+    existing run keys). `derived` keys are filled in by resolution, never set by the user."""
     choices = tuple(choices) if choices is not None else None
     if allowed is None:
         allowed = " | ".join(choices) if choices else _KIND_NAMES[kind]
@@ -59,20 +64,38 @@ def spec(
         allowed=allowed,
         nullable=nullable,
         identity=identity,
+        derived=derived,
     )
+    if isinstance(default, dict):  # a mapping key (model.kwargs): a fresh dict per config
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true | false"}
+_KIND_NAMES = {
+    int: "an integer", float: "a number", str: "a string", bool: "true | false", dict: "a mapping",
+}  # fmt: skip
 
 
 def _positive(v: float) -> bool:
     return v > 0
 
 
+def _dataset_name(v: str) -> bool:
+    return v in DATASETS or v == USER_DATA or is_import_path(v)
+
+
+def _model_name(v: str) -> bool:
+    return v in MODEL_DEFAULTS or is_import_path(v)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = spec("mnist1d", str, choices=DATASETS)
+    # A built-in dataset, `tensors` (arrays in the file at data.path) or an import path of
+    # a callable returning them (`mypkg.data:load`, `loaders.py:load`): see data/tensors.py.
+    name: str = spec(
+        "mnist1d", str, check=_dataset_name,
+        allowed=" | ".join([*DATASETS, USER_DATA, "module:callable", "file.py:callable"]),
+    )  # fmt: skip
     # Where the official on-disk files of torchvision datasets are (relative to the project root).
     root: str = spec("data/raw", str, identity=False)
     download: bool = spec(False, bool, identity=False)
@@ -88,11 +111,36 @@ class DataConfig:
         None, int, nullable=True, check=lambda v: v >= 8, allowed="an integer >= 8 or null",
         identity="when_set",
     )  # fmt: skip
+    # User data only (`tensors` or an import path). The file (relative to the project root)
+    # is not part of a run's identity: its content is, through source_sha256.
+    path: str | None = spec(None, str, nullable=True, identity=False)
+    # `crop_flip`: pad-4 random crop and horizontal flip of (N, C, H, W) images, as CIFAR-10.
+    augment: str | None = spec(
+        None, str, nullable=True, choices=("crop_flip",), identity="when_set"
+    )
+    # `channel`: standardize each channel (dim 1 of the inputs) with the training set's mean
+    # and std, once, when the data is prepared.
+    normalize: str | None = spec(
+        None, str, nullable=True, choices=("channel",), identity="when_set"
+    )
+    # Labels must lie in 0 .. num_classes - 1; null: 1 + the largest label.
+    num_classes: int | None = spec(
+        None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null",
+        identity="when_set",
+    )  # fmt: skip
+    # SHA-256 of the user's data (the file or .npy folder at data.path) or of the loader's
+    # source: editing either makes new runs. Filled in by resolution.
+    source_sha256: str | None = spec(None, str, nullable=True, identity="when_set", derived=True)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = spec("mlp", str, choices=MODEL_DEFAULTS)
+    # A built-in model, or an import path of a factory called as
+    # factory(input_shape, num_classes, **model.kwargs) -> nn.Module (models/user.py).
+    name: str = spec(
+        "mlp", str, check=_model_name,
+        allowed=" | ".join([*MODEL_DEFAULTS, "module:callable", "file.py:callable"]),
+    )  # fmt: skip
     norm: str = spec("none", str, choices=("none", "batch", "ghost", "skipinit"))
     ghost_batch_size: int = spec(64, int, check=_positive, allowed="an integer >= 1")
     depth: int | None = spec(
@@ -101,6 +149,11 @@ class ModelConfig:
     width: int | None = spec(
         None, int, nullable=True, check=_positive, allowed="an integer >= 1 or null"
     )
+    # Keyword arguments of a user model's factory (recorded as params model.kwargs.<name>).
+    kwargs: dict[str, Any] = spec({}, dict, identity="when_set")
+    # SHA-256 of the user model's module source: editing the model makes new runs. Filled in
+    # by resolution; also the run tag sgdnoise.model_source_sha256.
+    source_sha256: str | None = spec(None, str, nullable=True, identity="when_set", derived=True)
 
 
 @dataclass(frozen=True)
@@ -263,7 +316,22 @@ def _identity_dict(obj: Any) -> dict[str, Any]:
 def counts_for_identity(f: Any, value: Any) -> bool:
     """Whether config field `f` holding `value` changes what is trained (see `spec`)."""
     rule = f.metadata.get("identity", True)
-    return rule is True or (rule == "when_set" and value is not None)
+    unset = value is None or (isinstance(value, Mapping) and not value)
+    return rule is True or (rule == "when_set" and not unset)
+
+
+def mapping_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Public keys whose value is a mapping (model.kwargs): `key.name` sets one entry."""
+    out = []
+    for f in fields(cls):
+        typ = f.default_factory if f.default_factory is not MISSING else None
+        if f.name == "studies":
+            continue
+        if typ is not None and is_dataclass(typ):
+            out += mapping_keys(typ, f"{prefix}{f.name}.")
+        elif f.metadata.get("kind") is dict:
+            out.append(f"{prefix}{f.name}")
+    return out
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -322,11 +390,36 @@ def _coerce(key: str, value: Any, meta: Mapping[str, Any]) -> Any:
     elif kind is str:
         if not isinstance(value, str):
             raise bad
+    elif kind is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        return _plain(key, value)
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ConfigError(key, f"unknown value {value!r}", allowed)
     if meta["check"] is not None and not meta["check"](value):
-        raise ConfigError(key, f"{value!r} is out of range", allowed)
+        problem = f"unknown value {value!r}" if kind is str else f"{value!r} is out of range"
+        raise ConfigError(key, problem, allowed)
     return value
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A copy of a mapping value made of what YAML and JSON share (it is hashed into run
+    keys and recorded as params): strings, numbers, booleans, null, lists, mappings."""
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(key, f"key {k!r} is not a string", "a mapping with string keys")
+            out[k] = _plain(f"{key}.{k}", v)
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(key, v) for v in value]
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise ConfigError(key, f"{value!r} is not a plain value", "strings, numbers, booleans, null, "
+                      "lists and mappings")  # fmt: skip
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -341,6 +434,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, f in known.items():
         if name not in raw:
             continue
+        if f.metadata.get("derived"):
+            raise ConfigError(f"{prefix}{name}", "is derived when the config is resolved",
+                              "leave it out")  # fmt: skip
         typ = f.default_factory if f.default_factory is not MISSING else None
         if typ is not None and is_dataclass(typ):
             kwargs[name] = _build(typ, raw[name], f"{prefix}{name}.")
@@ -440,25 +536,31 @@ def from_dict(raw: Mapping[str, Any], *, num_processes: int | None = None) -> Co
     return _resolve(cfg, num_processes)
 
 
+def store_config(raw: Mapping[str, Any]) -> Config:
+    """What reading the tracking store needs: `raw`'s tracking section (validated) and its
+    studies, the rest left at defaults and unresolved (resolving would read the user's data
+    and code, which a reader of finished runs may no longer have)."""
+    studies = raw.get("studies") or {}
+    if not isinstance(studies, Mapping):
+        raise ConfigError("studies", "is not a mapping", "a mapping of study names to studies")
+    tracking = _build(TrackingConfig, raw.get("tracking") or {}, "tracking.")
+    return Config(tracking=tracking, studies=dict(studies))
+
+
 def _resolve(cfg: Config, processes: int) -> Config:
     """Fill derived values and reject impossible combinations."""
-    d, m, t = cfg.data, cfg.model, cfg.train
-    kind = DATASETS[d.name]
-    if kind not in INPUT_KINDS[m.name]:
-        ok = [n for n, kinds in INPUT_KINDS.items() if kind in kinds]
-        raise ConfigError(
-            "model.name", f"{m.name} does not take {d.name} ({kind} input)", " | ".join(ok)
-        )
-    if m.norm not in MODEL_NORMS[m.name]:
-        raise ConfigError(
-            "model.norm", f"{m.name} has no {m.norm!r} norm", " | ".join(MODEL_NORMS[m.name])
-        )
-    defaults = MODEL_DEFAULTS[m.name]
-    m = replace(
-        m,
-        depth=m.depth if m.depth is not None else defaults["depth"],
-        width=m.width if m.width is not None else defaults["width"],
-    )
+    d, m, t = _resolve_data(cfg.data), _resolve_model(cfg.model), cfg.train
+    if "nqm" in (d.name, m.name) and d.name != m.name:
+        raise ConfigError("model.name", f"{m.name} does not take {d.name}", "nqm with data nqm")
+    if d.name in DATASETS and m.name in MODEL_DEFAULTS:
+        # With user data or a user model, shapes are checked on the data itself, before any
+        # work (models.check).
+        kind = DATASETS[d.name]
+        if kind not in INPUT_KINDS[m.name]:
+            ok = [n for n, kinds in INPUT_KINDS.items() if kind in kinds]
+            raise ConfigError(
+                "model.name", f"{m.name} does not take {d.name} ({kind} input)", " | ".join(ok)
+            )
     if m.name == "wrn" and (m.depth - 4) % 6:
         raise ConfigError(
             "model.depth", f"{m.depth} is not 6n + 4 for a Wide-ResNet", "10, 16, 22, 28, 40, ..."
@@ -499,7 +601,77 @@ def _resolve(cfg: Config, processes: int) -> Config:
     t = replace(t, micro_batch_size=micro)
     if t.optimizer == "sgd":
         t = replace(t, momentum=0.0)  # recorded as used: plain SGD has no momentum
-    return replace(cfg, model=m, train=t)
+    return replace(cfg, data=d, model=m, train=t)
+
+
+def _resolve_model(m: ModelConfig) -> ModelConfig:
+    """A built-in model's size defaults, or a user model's source hash (models/user.py)."""
+    if not is_import_path(m.name):
+        if m.kwargs:
+            raise ConfigError(
+                "model.kwargs", f"{m.name} takes no kwargs",
+                "{} (kwargs are for a model given by import path, module:callable)",
+            )  # fmt: skip
+        if m.norm not in MODEL_NORMS[m.name]:
+            raise ConfigError(
+                "model.norm", f"{m.name} has no {m.norm!r} norm", " | ".join(MODEL_NORMS[m.name])
+            )
+        defaults = MODEL_DEFAULTS[m.name]
+        return replace(
+            m,
+            depth=m.depth if m.depth is not None else defaults["depth"],
+            width=m.width if m.width is not None else defaults["width"],
+        )
+    for key in ("depth", "width"):
+        if getattr(m, key) is not None:
+            raise ConfigError(
+                f"model.{key}", f"is not used by {m.name}",
+                "null (a model given by import path is sized by model.kwargs)",
+            )  # fmt: skip
+    if m.norm not in USER_NORMS:
+        raise ConfigError(
+            "model.norm", f"{m.norm!r} is not for a model given by import path",
+            " | ".join(USER_NORMS),
+        )  # fmt: skip
+    return replace(m, source_sha256=_source_sha256("model.name", m.name))
+
+
+def _resolve_data(d: DataConfig) -> DataConfig:
+    """User data: where it is and the hash of its content (or its loader's source)."""
+    user_keys = ("path", "augment", "normalize", "num_classes")
+    if d.name in DATASETS:
+        for key in user_keys:
+            if getattr(d, key) is not None:
+                raise ConfigError(
+                    f"data.{key}", f"is for user data, not {d.name}",
+                    f"null (set with data.name {USER_DATA} or module:callable)",
+                )  # fmt: skip
+        return d
+    if d.name != USER_DATA:
+        if d.path is not None:
+            raise ConfigError(
+                "data.path", f"is read by data.name {USER_DATA}, not by a callable",
+                "null (the callable returns the arrays)",
+            )  # fmt: skip
+        return replace(d, source_sha256=_source_sha256("data.name", d.name))
+    allowed = "a .pt or .npz file, or a folder of .npy files, relative to the project root"
+    if d.path is None:
+        raise ConfigError("data.path", f"must be set with data.name {USER_DATA}", allowed)
+    path = resolve_under_root(d.path)
+    try:
+        sha = data_path_sha256(path)
+    except FileNotFoundError:
+        raise ConfigError("data.path", f"{path} does not exist", allowed) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError("data.path", str(e), allowed) from None
+    return replace(d, source_sha256=sha)
+
+
+def _source_sha256(key: str, path: str) -> str:
+    try:
+        return source_sha256(path)
+    except UserCodeError as e:
+        raise ConfigError(key, e.problem, e.allowed) from None
 
 
 def check_batch_size(cfg: Config, n_train: int) -> None:

@@ -20,6 +20,7 @@ STATE_SHA256 = TAG + "state_sha256"  # the final parameters and buffers
 TRIAL_NUMBER = TAG + "trial_number"  # the Optuna trial that owns a child run
 WORKER = TAG + "worker"  # the sweep worker that trained it
 GRID_HASH = TAG + "grid_hash"  # the study's grid (its points' run keys)
+MODEL_SOURCE = TAG + "model_source_sha256"  # a user model's module source (model.name)
 PARENT = "mlflow.parentRunId"  # MLflow's own parent link
 
 # Values

@@ -35,8 +35,8 @@ from sgdnoise.models.packed import NotPackable, StackedModel, pack_model
 from sgdnoise.paths import project_root
 from sgdnoise.train import accelerator, augmentation, task_of, threads, train
 
-__all__ = ["StackedModel", "default_pack_size", "forward_flops", "pack_key", "pack_size",
-           "packable", "train_pack", "MAX_PACK"]  # fmt: skip
+__all__ = ["StackedModel", "default_pack_size", "forward_flops", "pack_key", "pack_problem",
+           "pack_size", "packable", "train_pack", "MAX_PACK"]  # fmt: skip
 
 # Keys that may differ between the members of one pack.
 MEMBER_KEYS = (("train", "lr_eff"), ("train", "seed"), ("tracking", "run_name"))
@@ -133,14 +133,48 @@ def pack_size(cfg: Config, root: Path) -> int:
 
 def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:
     """Whether every layer of cfg's model has a packed counterpart."""
+    return pack_problem(cfg, input_shape, num_classes) is None
+
+
+def pack_problem(cfg: Config, input_shape: Sequence[int], num_classes: int) -> str | None:
+    """Why cfg's model cannot be packed (None: it can): a layer with parameters that has no
+    packed form (Linear, Conv1d/2d and batch norms have), or, for a user model, a forward
+    whose pack of two members does not compute each member's own output."""
     from sgdnoise.models.build import build_model
+    from sgdnoise.usercode import is_import_path
 
     model = build_model(cfg.model, tuple(input_shape), num_classes)
     try:
         pack_model(model, [model.state_dict()])
-    except NotPackable:
-        return False
-    return True
+    except NotPackable as e:
+        return str(e)
+    if not is_import_path(cfg.model.name):
+        return None  # the built-in models' forwards keep examples apart
+    return _mixing_problem(cfg, tuple(input_shape), num_classes)
+
+
+def _mixing_problem(cfg: Config, shape: tuple[int, ...], num_classes: int) -> str | None:
+    """A user's forward may mix examples along the batch axis (statistics of its own, a
+    reshape across examples), which in a pack would mix members: compare a pack of two
+    members with each member alone, in evaluation mode (dropout aside, deterministic)."""
+    from sgdnoise.models.build import build_model
+
+    with torch.random.fork_rng():  # the caller's random streams stay as they were
+        members = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            members.append(build_model(cfg.model, shape, num_classes).eval())
+        x = torch.randn(2, 3, *shape)
+        stacked = StackedModel(members[0], [m.state_dict() for m in members])
+        stacked.train(False)
+        with torch.no_grad():
+            alone = torch.stack([m(xk) for m, xk in zip(members, x, strict=True)])
+            packed = stacked(x)
+    scale = alone.abs().max().clamp_min(1.0)
+    if packed.shape != alone.shape or ((packed - alone).abs().max() / scale).item() > 1e-4:
+        return ("a pack of two members does not compute each member's own output (does the "
+                "forward mix examples along the batch axis?)")  # fmt: skip
+    return None
 
 
 def train_pack(
@@ -215,7 +249,7 @@ def _train_group(
     torch.set_num_threads(threads(cfg0, 1))
     data = load(cfg0.data, acc.device, root)
     check_batch_size(cfg0, data.n_train)
-    task, augment = task_of(cfg0), augmentation(data)
+    task, augment = task_of(cfg0, data.meta), augmentation(data)
     states, template = [], None
     for cfg, resume in zip(cfgs, resumes, strict=True):
         torch.manual_seed(derived_seed("init", cfg.train.seed))

@@ -7,6 +7,7 @@ tests in temporary directories and sweep workers never scatter databases or data
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ROOT_ENV = "SGDNOISE_ROOT"
@@ -33,7 +34,13 @@ def default_params_file() -> Path:
 
 
 def prepared_dir(dataset: str, root: Path | None = None) -> Path:
-    return (root or project_root()) / "data" / "prepared" / dataset
+    return (root or project_root()) / "data" / "prepared" / prepared_name(dataset)
+
+
+def prepared_name(dataset: str) -> str:
+    """The folder name of a dataset's prepared files: its name, with a user loader's import
+    path made a plain file name (`mypkg.data:load` -> `mypkg.data-load`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-")
 
 
 def store_root(root: Path | None = None) -> Path:

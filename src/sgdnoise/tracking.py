@@ -236,7 +236,11 @@ def provenance_tags(
     cfg: Config, root: Path, *, data_checksum: str, device: str, processes: int
 ) -> dict[str, str]:
     commit = git_commit(root)
+    tags = {}
+    if cfg.model.source_sha256:  # a user model: which version of its source trained this run
+        tags[C.MODEL_SOURCE] = cfg.model.source_sha256
     return {
+        **tags,
         C.KIND: C.KIND_RUN,
         C.RUN_KEY: cfg.run_key,
         TAG + "data_checksum": data_checksum,

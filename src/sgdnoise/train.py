@@ -60,8 +60,34 @@ def accelerator(cfg: Config) -> Any:
     return Accelerator(cpu=not want_cuda, mixed_precision="bf16" if t.precision == "bf16" else "no")
 
 
-def task_of(cfg: Config) -> str:
-    return "reconstruction" if cfg.model.name == "autoencoder" else "classification"
+def task_of(cfg: Config, meta: dict[str, Any]) -> str:
+    """Reconstruction for the autoencoder and for data without labels (user data)."""
+    if cfg.model.name == "autoencoder" or meta.get("task") == "reconstruction":
+        return "reconstruction"
+    return "classification"
+
+
+def needs_check(cfg: Config) -> bool:
+    """Whether the model must be checked against the data before any work: only a user model
+    or user data can fail there (built-in pairs are checked by config)."""
+    from sgdnoise.data.tensors import is_user_data
+    from sgdnoise.usercode import is_import_path
+
+    return is_import_path(cfg.model.name) or is_user_data(cfg.data.name)
+
+
+def preflight(cfg: Config, root: Path) -> None:
+    """Everything that can be wrong with cfg on its data, writing nothing: B against the
+    training set, and a user model or user data built and run once (models.check)."""
+    from sgdnoise.data.store import describe
+
+    facts = describe(cfg.data, root)
+    check_batch_size(cfg, facts.n_train)
+    if needs_check(cfg):
+        from sgdnoise.models.check import check_model
+
+        task = task_of(cfg, {"task": facts.task})
+        check_model(cfg.model, facts.input_shape, facts.num_classes, task)
 
 
 def augmentation(data: Any) -> str | None:
@@ -83,7 +109,7 @@ def train(
 ) -> RunResult:
     """Train one configuration; log it to MLflow on the main process; return its result.
     `progress`: show it on stderr (a bar on a terminal, else a line per evaluation)."""
-    from sgdnoise.data.store import load, train_size
+    from sgdnoise.data.store import load
     from sgdnoise.models.build import build_model
     from sgdnoise.nets import SingleNet
 
@@ -95,10 +121,10 @@ def train(
     P = acc.num_processes
     torch.set_num_threads(threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", P))))
     with acc.main_process_first():
-        # B against the training set before anything is written (the data folder included).
-        check_batch_size(cfg, train_size(cfg.data, root))
+        # Bad input fails before anything is written (the data folder included).
+        preflight(cfg, root)
         data = load(cfg.data, acc.device, root)
-    task, augment = task_of(cfg), augmentation(data)
+    task, augment = task_of(cfg, data.meta), augmentation(data)
 
     torch.manual_seed(derived_seed("init", cfg.train.seed))
     model = build_model(cfg.model, tuple(data.input_shape), data.num_classes).to(acc.device)

@@ -1,4 +1,7 @@
-"""Datasets by name. Light to import: the loaders pull in torch only when called."""
+"""Datasets by name. Light to import: the loaders pull in torch only when called.
+
+Besides these, `data.name` takes the user's own data (data/tensors.py): `tensors` (arrays in
+the file at `data.path`) or the import path of a callable returning them."""
 
 from __future__ import annotations
 
@@ -15,3 +18,6 @@ DATASETS: dict[str, str] = {
     # The noisy quadratic model (Zhang et al. 2019): no examples, its exact expected loss.
     "nqm": "nqm",
 }
+
+# The user's arrays in a .pt / .npz file or a folder of .npy files at data.path.
+USER_DATA = "tensors"

@@ -83,8 +83,15 @@ def _writer(cfg: DataConfig, root: Path | None) -> Callable[[Path], None]:
     if cfg.name in imagefolder.FOLDERS:
         found = imagefolder.scan(cfg, root)
         return lambda folder: imagefolder.write(folder, found, cfg)
-    source = load_source(cfg, root)
+    source = read_source(cfg, root)
     return lambda folder: _write(folder, source, cfg)
+
+
+def read_source(cfg: DataConfig, root: Path | None = None) -> Source:
+    """The arrays of `cfg`, in memory: a built-in dataset's, or the user's (checked)."""
+    from sgdnoise.data.tensors import is_user_data, load_user  # numpy/torch only when used
+
+    return load_user(cfg, root) if is_user_data(cfg.name) else load_source(cfg, root)
 
 
 def _write(folder: Path, source: Source, cfg: DataConfig) -> None:
@@ -107,6 +114,8 @@ def _write(folder: Path, source: Source, cfg: DataConfig) -> None:
         "checksum": sha256_file(folder / TENSORS),
         "source": identity(cfg),
     }
+    if not source.num_classes:  # user data without labels: the model reconstructs its inputs
+        meta["task"] = "reconstruction"
     (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 

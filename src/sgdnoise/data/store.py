@@ -126,23 +126,41 @@ def ensure_prepared(cfg: DataConfig, root: Path | None = None) -> Path:
     return prepare(cfg, root)
 
 
-def train_size(cfg: DataConfig, root: Path | None = None) -> int:
-    """Examples in the training set of `cfg`, writing nothing: from the prepared folder's
-    meta.json when it is current, else by reading (or generating) the source in memory, or
-    listing an ImageFolder copy. Raises ConfigError when the source files are missing."""
+@dataclass(frozen=True)
+class DataFacts:
+    """What the checks before any work need to know about a dataset."""
+
+    n_train: int
+    input_shape: tuple[int, ...]
+    num_classes: int  # 0: no labels (reconstruction)
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.num_classes else "reconstruction"
+
+
+def describe(cfg: DataConfig, root: Path | None = None) -> DataFacts:
+    """Size, input shape and classes of `cfg`'s data, writing nothing: from the prepared
+    folder's meta.json when it is current, else by reading (or generating) the source in
+    memory, or listing an ImageFolder copy. Raises ConfigError when the source files are
+    missing or (user data) do not hold what training needs."""
     from sgdnoise.data import imagefolder
-    from sgdnoise.data.prepare import is_current, read_meta
-    from sgdnoise.data.sources import load_source
+    from sgdnoise.data.prepare import is_current, read_meta, read_source
     from sgdnoise.paths import prepared_dir
 
     folder = prepared_dir(cfg.name, root)
     if is_current(folder, cfg):
         meta = read_meta(folder)
         assert meta is not None
-        return int(meta["n_train"])
+        return DataFacts(
+            int(meta["n_train"]), tuple(meta["input_shape"]), int(meta["num_classes"] or 0)
+        )
     if cfg.name in imagefolder.FOLDERS:
-        return len(imagefolder.scan(cfg, root).train)
-    return len(load_source(cfg, root).train_y)
+        found = imagefolder.scan(cfg, root)
+        size = cfg.image_size or imagefolder.DEFAULT_IMAGE_SIZE
+        return DataFacts(len(found.train), (3, size, size), len(found.classes))
+    source = read_source(cfg, root)
+    return DataFacts(len(source.train_y), tuple(source.input_shape), source.num_classes)
 
 
 def load(

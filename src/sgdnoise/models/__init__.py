@@ -1,4 +1,6 @@
-"""Models by name. Light to import: building a model pulls in torch only when called."""
+"""Models by name. Light to import: building a model pulls in torch only when called.
+
+Besides these, `model.name` takes the import path of the user's own factory (models/user.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +39,7 @@ INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "resnet50": ("image",),
     "nqm": ("nqm",),
 }
+
+# The norms of a model given by import path: `batch` and `none` leave it as written, `ghost`
+# replaces its BatchNorm1d/2d layers by ghost batch norm (models/user.py).
+USER_NORMS: tuple[str, ...] = ("none", "batch", "ghost")

@@ -1,4 +1,5 @@
-"""`build_model`: a model by name from a ModelConfig, for a given input shape and class count."""
+"""`build_model`: a model by name from a ModelConfig, for a given input shape and class count
+(a name that is an import path builds the user's own model, models/user.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from sgdnoise.models.autoencoder import Autoencoder
 from sgdnoise.models.cnn1d import CNN1d
 from sgdnoise.models.mlp import mlp
 from sgdnoise.models.resnet50 import resnet50
+from sgdnoise.models.user import build_user_model
 from sgdnoise.models.wrn import WideResNet
+from sgdnoise.usercode import is_import_path
 
 # (config, input shape without the batch dim, num_classes) -> module; depth and width are
 # already resolved by config (build_model falls back to the defaults for raw configs).
@@ -30,7 +33,10 @@ MODELS: dict[str, Builder] = {
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build `cfg.name`. Deterministic given the torch seed (the caller seeds). Classifiers
-    return logits (N, num_classes); the autoencoder returns a reconstruction (N, *input_shape)."""
+    return logits (N, num_classes); the autoencoder returns a reconstruction (N, *input_shape).
+    An import path builds the user's model (models/user.py)."""
+    if is_import_path(cfg.name):
+        return build_user_model(cfg, tuple(input_shape), num_classes)
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; allowed: {' | '.join(MODELS)}")
     if cfg.norm not in MODEL_NORMS[cfg.name]:

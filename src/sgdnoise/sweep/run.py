@@ -57,7 +57,7 @@ def run_sweep(
     point again, into the tracking store in use now."""
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
-    check_batch_sizes(spec, root)
+    user_models = check_points(spec, root)
     store = open_storage(storage, root, spec.optuna_name, spec.heartbeat)
     cfg0 = spec.config(spec.points[0].values)
     uri = tracking.resolve_uri(cfg0, root)
@@ -81,6 +81,7 @@ def run_sweep(
     if done is not None:
         log(summary_line(spec, done) + "; already complete, nothing to run")
         return 0
+    say_unpackable(user_models, log)
 
     threads = worker_threads(cfg0, workers)
     log(
@@ -109,21 +110,56 @@ def run_sweep(
     return _finish(ctx, exits, started, log)
 
 
-def check_batch_sizes(spec: StudySpec, root: Path) -> None:
-    """Every grid point's B against its training set, before any trial or run exists (the
-    data is prepared for this if it is not yet; workers would prepare it anyway)."""
+def check_points(spec: StudySpec, root: Path) -> list[tuple[Config, Any]]:
+    """Every grid point against its data, before any trial or run exists: B against the
+    training set, the metric against the task, and each distinct user model (or a model on
+    user data) built and run once (train.preflight). Nothing is written: the data is read
+    in memory when it is not prepared yet. Returns the user models checked, each with its
+    data's facts (for the packing message)."""
     from sgdnoise.config import check_batch_size
-    from sgdnoise.data.store import train_size
+    from sgdnoise.data.store import describe
+    from sgdnoise.models.check import check_model
+    from sgdnoise.sweep.spec import ACCURACY_METRICS
+    from sgdnoise.train import needs_check, task_of
+    from sgdnoise.usercode import is_import_path
 
-    sizes: dict[str, int] = {}
+    facts: dict[str, Any] = {}
+    checked: dict[str, tuple[Config, Any]] = {}
     for point in spec.points:
         cfg = spec.config(point.values)
         if cfg.data.name == "nqm":
             continue
         key = repr(cfg.data)
-        if key not in sizes:
-            sizes[key] = train_size(cfg.data, root)
-        check_batch_size(cfg, sizes[key])
+        if key not in facts:
+            facts[key] = describe(cfg.data, root)
+            if facts[key].task == "reconstruction" and spec.metric.name in ACCURACY_METRICS:
+                raise ConfigError(
+                    f"{spec.key}.metric.name",
+                    f"{spec.metric.name}, but {cfg.data.name} has no labels (reconstruction)",
+                    "final_test_loss | final_train_loss",
+                )  # fmt: skip
+        f = facts[key]
+        check_batch_size(cfg, f.n_train)
+        model_key = key + repr(cfg.model)
+        if needs_check(cfg) and model_key not in checked:
+            check_model(cfg.model, f.input_shape, f.num_classes, task_of(cfg, {"task": f.task}))
+            checked[model_key] = (cfg, f)
+    return [(c, f) for c, f in checked.values() if is_import_path(c.model.name)]
+
+
+def say_unpackable(models: list[tuple[Config, Any]], log) -> None:
+    """Once per sweep, for each user model that packing would apply to but cannot: which,
+    and why (its runs then train one by one; sgdnoise.pack)."""
+    from sgdnoise.pack import pack_problem
+
+    said: set[str] = set()
+    for cfg, facts in models:
+        if cfg.train.pack == 1 or repr(cfg.model) in said:
+            continue
+        said.add(repr(cfg.model))
+        problem = pack_problem(cfg, facts.input_shape, facts.num_classes)
+        if problem is not None:
+            log(f"model {cfg.model.name} cannot be packed ({problem}); its runs train one by one")
 
 
 def worker_threads(cfg: Config, workers: int) -> int:

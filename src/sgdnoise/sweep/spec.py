@@ -33,7 +33,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sgdnoise.config import Config, ConfigError, from_dict, public_keys, with_values
+from sgdnoise.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    mapping_keys,
+    public_keys,
+    with_values,
+)
 from sgdnoise.contract import study_experiment
 
 LR_KEY = "train.lr_eff"
@@ -285,12 +292,14 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _flat_keys(d: Mapping[str, Any], known: set[str], prefix: str = "") -> dict[str, Any]:
     """Dotted keys as written in params.yaml (`train.lr_eff: [...]`), plus the nested form
-    that `-P studies.s.grid.train.lr_eff=[...]` produces; the nested (override) wins."""
+    that `-P studies.s.grid.train.lr_eff=[...]` produces; the nested (override) wins. A
+    mapping key's entries are keys of their own (`model.kwargs.width`)."""
     flat: dict[str, Any] = {}
     nested: dict[str, Any] = {}
+    mappings = set(mapping_keys())
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if key not in known and isinstance(v, Mapping) and v:
+        if (key not in known or key in mappings) and isinstance(v, Mapping) and v:
             nested.update(_flat_keys(v, known, f"{key}."))
         else:
             flat[key] = v
@@ -298,7 +307,7 @@ def _flat_keys(d: Mapping[str, Any], known: set[str], prefix: str = "") -> dict[
 
 
 def _check_key(k: str, where: str, known: set[str]) -> None:
-    if k not in known:
+    if k not in known and not any(k.startswith(f"{m}.") for m in mapping_keys()):
         raise ConfigError(
             where, "unknown key", "a dotted key of params.yaml, e.g. train.batch_size"
         )
