@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # torch and torchvision are pinned to the builds in these machines' local cache.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup study test lint format ui dashboard bench clean
+.PHONY: setup study test lint format ui ui-screenshots dashboard bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/sgdnoise ui
+
+# After make study, with Chromium installed: docs/figures/ui_*.png, as the README shows them
+ui-screenshots: $(STAMP)
+	$(BIN)/python docs/ui_screenshots.py
 
 # make dashboard STUDY=constant_epochs: optuna-dashboard over that study's trials
 STUDY ?= constant_epochs

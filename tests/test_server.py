@@ -122,7 +122,22 @@ def test_ui_serves_one_experiment_per_study_with_its_figures_on_the_parent_run(
         assert summary["parent_run_id"] == parent_id
 
         # The links: the study's runs table and its parent run, in the model-training view.
-        runs_link = f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        runs_link = (
+            f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=grid"
+        )
+        # That link opens the view the sweep shared on the experiment: the grid points
+        # (not the parent), grouped by B, the grid's axes and the metric as columns.
+        shared = {t["key"]: t["value"] for t in exp["experiment"]["tags"]}
+        view = json.loads(shared["mlflow.sharedViewState.grid"])
+        assert view["searchFilter"] == "tags.`sgdnoise.kind` = 'run'"
+        assert view["groupBy"]["groupByKeys"] == [
+            {"mode": "param", "groupByData": "train.batch_size"}
+        ]
+        assert view["selectedColumns"][:3] == [
+            "params.`train.batch_size`", "params.`train.lr_eff`", "params.`train.seed`"
+        ]  # fmt: skip
+        assert "metrics.`final_test_accuracy`" in view["selectedColumns"]
         parent_link = (
             f"{base}/#/experiments/{exp_id}/runs/{parent_id}?workflowType=machine_learning"
         )

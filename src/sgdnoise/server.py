@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from sgdnoise import contract as C
+from sgdnoise.tracking import GRID_VIEW, shared_views
 
 HOST = "127.0.0.1"
 # MLflow opens a fresh browser in its GenAI view; this query opens the model-training one.
@@ -105,7 +106,7 @@ def serving(
 class StudyLinks:
     study: str
     experiment: str
-    runs: str  # the study's runs table (its grid), model-training view
+    runs: str  # the study's runs table (its grid points, grouped), model-training view
     parent: str | None  # the study's parent run: its charts are the paper's figures
 
 
@@ -127,5 +128,8 @@ def study_links(uri: str, base_url: str, experiment_prefix: str) -> list[StudyLi
         page = f"{base_url}/#/experiments/{exp.experiment_id}"
         parent = f"{page}/runs/{parents[0].info.run_id}?{TRAINING_VIEW}" if parents else None
         study = exp.name[len(experiment_prefix) + 1 :]
-        out.append(StudyLinks(study, exp.name, f"{page}/runs?{TRAINING_VIEW}", parent))
+        runs = f"{page}/runs?{TRAINING_VIEW}"
+        if GRID_VIEW in shared_views(exp):  # the sweep's view of the grid (tracking.py)
+            runs += f"&viewStateShareKey={GRID_VIEW}"
+        out.append(StudyLinks(study, exp.name, runs, parent))
     return out

@@ -324,6 +324,51 @@ def study_run(
     return run.info.run_id
 
 
+# MLflow's shared views: a view state stored as an experiment tag, opened by a link with
+# `viewStateShareKey=<key>`. The study's grid view lists its points flat, grouped and with
+# the columns that matter (children are otherwise collapsed under their parent run).
+GRID_VIEW = "grid"
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def grid_view_state(axes: list[str], metric: str, direction: str) -> dict[str, Any]:
+    """The runs table of a study's grid points: the grid's axes and the metric as columns,
+    best first, grouped by B (or the first axis other than ε_eff and seed), the group's
+    best value shown on its row."""
+    group = next((a for a in axes if a == "train.batch_size"), None)
+    group = group or next((a for a in axes if a not in ("train.lr_eff", "train.seed")), None)
+    metrics = dict.fromkeys([metric, C.FINAL_TRAIN_LOSS])
+    state: dict[str, Any] = {
+        "searchFilter": f"tags.`{C.KIND}` = '{C.KIND_RUN}'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": direction == "minimize",
+        "selectedColumns": [
+            *(f"params.`{a}`" for a in axes), *(f"metrics.`{m}`" for m in metrics),
+            "attributes.`Duration`",
+        ],
+    }  # fmt: skip
+    if group:
+        state["groupBy"] = {
+            "aggregateFunction": "min" if direction == "minimize" else "max",
+            "groupByKeys": [{"mode": "param", "groupByData": group}],
+        }
+    return state
+
+
+def share_grid_view(
+    uri: str, experiment: str, axes: list[str], metric: str, direction: str
+) -> None:
+    mlf = client(uri)
+    exp = experiment_id(mlf, experiment)
+    value = json.dumps(grid_view_state(axes, metric, direction), sort_keys=True)
+    mlf.set_experiment_tag(exp, _SHARED_VIEW_TAG + GRID_VIEW, value)
+
+
+def shared_views(experiment: Any) -> set[str]:
+    """The keys of an experiment's shared views."""
+    return {k[len(_SHARED_VIEW_TAG) :] for k in experiment.tags if k.startswith(_SHARED_VIEW_TAG)}
+
+
 def set_run_status(uri: str, run_id: str, status: str) -> None:
     """RUNNING while a sweep works on the study, FINISHED once its grid is complete."""
     mlf = client(uri)

@@ -73,6 +73,9 @@ def setup(
                 definition=spec.describe(),
             ),
         )  # fmt: skip
+        tracking.share_grid_view(
+            tracking_uri, spec.experiment, list(spec.axes), spec.metric.name, spec.metric.direction
+        )
         study = optuna.create_study(
             study_name=name,
             storage=store.optuna(),
