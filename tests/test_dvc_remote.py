@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -164,11 +163,10 @@ def sweep_from(clones: list[Path], storage: str, tracking: str) -> list[Any]:
     env |= {"MLFLOW_TRACKING_URI": tracking, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "sgdnoise.cli", "sweep", "tiny", "--workers", "1",
            "--storage", storage]  # fmt: skip
-    procs = []
-    for clone in clones:
-        procs.append(subprocess.Popen(cmd, cwd=clone, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
-        time.sleep(1)  # the first creates the study; the second joins it
+    # Started together: whichever comes first creates the study (under the storage's
+    # lock), the other joins it.
+    procs = [subprocess.Popen(cmd, cwd=clone, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for clone in clones]  # fmt: skip
     for p in procs:
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out
