@@ -128,11 +128,13 @@ def ensure_prepared(cfg: DataConfig, root: Path | None = None) -> Path:
     (`dvc pull`) rather than what the files should be (that is `prepare`'s message)."""
     from sgdnoise.data.raw import unavailable
 
-    if not is_current(prepared_dir(cfg.name, root), cfg):
-        missing = unavailable(cfg, root)
-        if missing is not None:
-            raise missing
-    return prepare(cfg, root)
+    missing = unavailable(cfg, root)  # a stat: the common case pays no second checksum
+    if missing is None:
+        return prepare(cfg, root)
+    folder = prepared_dir(cfg.name, root)
+    if is_current(folder, cfg):
+        return folder
+    raise missing
 
 
 @dataclass(frozen=True)
