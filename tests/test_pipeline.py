@@ -80,7 +80,9 @@ def _ran(res: subprocess.CompletedProcess) -> set[str]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
-    for name in ("dvc.yaml", "README.md", "MLproject", ".gitignore"):
+    # What a clone holds: data/raw/README.md keeps the folder prepare depends on.
+    for name in ("dvc.yaml", "README.md", "MLproject", ".gitignore", "data/raw/README.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     for name in ("src/sgdnoise", "analysis"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))

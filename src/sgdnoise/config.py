@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from sgdnoise.data import DATASETS, USER_DATA
-from sgdnoise.data.files import data_path_sha256
+from sgdnoise.data.files import data_path_sha256, prepared_source_sha256
 from sgdnoise.models import INPUT_KINDS, MODEL_DEFAULTS, MODEL_NORMS, USER_NORMS
-from sgdnoise.paths import resolve_under_root
+from sgdnoise.paths import how_to_get_prepared, prepared_dir, resolve_under_root
 from sgdnoise.usercode import UserCodeError, is_import_path, source_sha256
 
 SCHEDULES = ("smith2020", "constant", "cosine", "step")
@@ -661,7 +661,17 @@ def _resolve_data(d: DataConfig) -> DataConfig:
     try:
         sha = data_path_sha256(path)
     except FileNotFoundError:
-        raise ConfigError("data.path", f"{path} does not exist", allowed) from None
+        # A worker that pulled the prepared data but not the file, which DVC tracks (its
+        # .dvc file is here, so this is no typo): the folder says which data it holds;
+        # whether that fits the rest of data.* is checked on loading.
+        tracked = path.with_name(path.name + ".dvc").is_file()
+        sha = prepared_source_sha256(prepared_dir(USER_DATA)) if tracked else None
+        if sha is None:
+            pulled = f" and no prepared data from it in data/prepared/{USER_DATA}"
+            raise ConfigError(
+                "data.path", f"{path} does not exist{pulled if tracked else ''}",
+                f"{allowed}; or {how_to_get_prepared(USER_DATA)}",
+            ) from None  # fmt: skip
     except (OSError, ValueError) as e:
         raise ConfigError("data.path", str(e), allowed) from None
     return replace(d, source_sha256=sha)

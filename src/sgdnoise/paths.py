@@ -43,6 +43,16 @@ def prepared_name(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-")
 
 
+def how_to_get_prepared(dataset: str) -> str:
+    """What a machine that has neither a file-read dataset's prepared folder nor its files
+    should run: fetch the prepared copy from the DVC remote (the same bytes, so the same data
+    checksum in every run), or prepare it where the files are (README "Data")."""
+    return (
+        f"`dvc pull data/prepared/{prepared_name(dataset)}` (the prepared data, from the DVC "
+        "remote), or `sgdnoise prepare` where the files are"
+    )
+
+
 def store_root(root: Path | None = None) -> Path:
     """Where the tracking store, the sweeps' Optuna journals and checkpoints live: the
     project root, or, inside the temporary workspace of a DVC experiment (`dvc exp run

@@ -4,6 +4,7 @@ user's own data and code, which a run's identity hashes (light: no torch, no num
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import cache
 from pathlib import Path
 
@@ -48,3 +49,15 @@ def data_path_sha256(path: Path) -> str:
     if path.suffix not in TENSOR_FILES:
         raise ValueError(f"{path.name} is not a .pt or .npz file or a folder of .npy files")
     return cached_sha256(path)
+
+
+def prepared_source_sha256(folder: Path) -> str | None:
+    """The hash of the user's data that the prepared `folder` was written from, or None: a
+    machine holding that folder (fetched with `dvc pull`) but not the user's file still
+    identifies the data, and so its runs, exactly as the machine that prepared it."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        sha = meta["source"]["source_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sha if isinstance(sha, str) else None

@@ -184,7 +184,8 @@ def _torchvision_classes() -> dict[str, type]:
     return {"cifar10": AnyCopyCIFAR10, "mnist": MNIST, "fashion_mnist": FashionMNIST}
 
 
-_FILES_DIR = {
+# Where under data.root torchvision's classes find each dataset's official files.
+FILES_DIR = {
     "cifar10": "cifar-10-batches-py",
     "mnist": "MNIST/raw",
     "fashion_mnist": "FashionMNIST/raw",
@@ -205,7 +206,7 @@ def _open(name: str, root: Path, train: bool, download: bool) -> Any:
             ) from None
         raise ConfigError(
             "data.root",
-            f"{name} files not found under {root} (looked in {root / _FILES_DIR[name]})",
+            f"{name} files not found under {root} (looked in {root / FILES_DIR[name]})",
             f"a folder with the official {name} files, or data.download=true",
         ) from None
 

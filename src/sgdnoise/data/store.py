@@ -20,8 +20,9 @@ import torch
 from sgdnoise.config import ConfigError, DataConfig
 from sgdnoise.data.files import META, TENSORS
 from sgdnoise.data.memmap import LAYOUT, MemmapImages, npy_problem
-from sgdnoise.data.prepare import locked, prepare
+from sgdnoise.data.prepare import is_current, locked, prepare
 from sgdnoise.data.sources import identity
+from sgdnoise.paths import prepared_dir
 
 
 @dataclass
@@ -122,8 +123,18 @@ def _inputs(x: torch.Tensor, norm: dict[str, Any] | None) -> torch.Tensor:
 
 
 def ensure_prepared(cfg: DataConfig, root: Path | None = None) -> Path:
-    """The prepared folder for `cfg`, (re)preparing it when missing or stale."""
-    return prepare(cfg, root)
+    """The prepared folder for `cfg`, (re)preparing it when missing or stale: what a run
+    calls. Without the folder or the files it is read from, says how to get the folder
+    (`dvc pull`) rather than what the files should be (that is `prepare`'s message)."""
+    from sgdnoise.data.raw import unavailable
+
+    missing = unavailable(cfg, root)  # a stat: the common case pays no second checksum
+    if missing is None:
+        return prepare(cfg, root)
+    folder = prepared_dir(cfg.name, root)
+    if is_current(folder, cfg):
+        return folder
+    raise missing
 
 
 @dataclass(frozen=True)
@@ -145,8 +156,8 @@ def describe(cfg: DataConfig, root: Path | None = None) -> DataFacts:
     memory, or listing an ImageFolder copy. Raises ConfigError when the source files are
     missing or (user data) do not hold what training needs."""
     from sgdnoise.data import imagefolder
-    from sgdnoise.data.prepare import is_current, read_meta, read_source
-    from sgdnoise.paths import prepared_dir
+    from sgdnoise.data.prepare import read_meta, read_source
+    from sgdnoise.data.raw import unavailable
 
     folder = prepared_dir(cfg.name, root)
     if is_current(folder, cfg):
@@ -155,6 +166,11 @@ def describe(cfg: DataConfig, root: Path | None = None) -> DataFacts:
         return DataFacts(
             int(meta["n_train"]), tuple(meta["input_shape"]), int(meta["num_classes"] or 0)
         )
+    # A worker (train, sweep) checks here before anything exists: no prepared folder and
+    # no files to prepare it from is one line saying how to get the folder.
+    missing = unavailable(cfg, root)
+    if missing is not None:
+        raise missing
     if cfg.name in imagefolder.FOLDERS:
         found = imagefolder.scan(cfg, root)
         size = cfg.image_size or imagefolder.DEFAULT_IMAGE_SIZE
