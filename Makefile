@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Two pytest processes, one per core (most tests wait on subprocesses: 1.5x faster on 2
+# cores); a file's tests stay together and in order (module fixtures are shared).
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 study: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/ruff check src analysis tests benchmarks
 	$(BIN)/ruff format --check src analysis tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src analysis tests benchmarks
