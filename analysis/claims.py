@@ -333,6 +333,16 @@ def _tolerance(metric: str, s1: float, s2: float, m1: float, m2: float) -> float
     return max(N_STD * pooled, floor)
 
 
+def _at_edge(rows: pd.DataFrame, nums: dict[str, Any]) -> str:
+    """The batch sizes among `rows` whose optimum sits at the lr grid's edge, as text ("" if
+    none); recorded in `nums` as edge_batch_sizes."""
+    edges = rows[rows["edge"] != ""]
+    if not len(edges):
+        return ""
+    nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
+    return ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
+
+
 def _slope(b: np.ndarray, lr: np.ndarray) -> float:
     return float(np.polyfit(np.log2(b), np.log2(lr), 1)[0])
 
@@ -443,11 +453,8 @@ def _flat_part(g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, dict[str
             else math.nan
         )
         nums["slope_all"] = slope_all
-        edges = all_b[all_b["edge"] != ""]
-        if len(edges):
+        if where := _at_edge(all_b, nums):
             # A rise made by optima pinned to the grid's edge is the grid's.
-            nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
-            where = ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
             return (
                 UNKNOWN,
                 f"{placed} (slope over all B {slope_all:.2f}), but the optimum sits at the "
@@ -467,10 +474,7 @@ def _flat_part(g: pd.DataFrame, reg: dict[str, Any]) -> tuple[str, str, dict[str
     seeds = int(above["n_seeds"].min())
     if seeds < MIN_SEEDS:
         return UNKNOWN, f"slope {slope:.2f} over {span}, from {seeds} seed(s) only", nums
-    edges = above[above["edge"] != ""]
-    if len(edges):
-        nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
-        where = ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
+    if where := _at_edge(above, nums):
         return (
             UNKNOWN,
             f"slope {slope:.2f} over {span}, but the optimum sits at the edge of the lr grid "
@@ -514,10 +518,7 @@ def _rise_part(
     slope = _slope(bs, part["lr_opt"].to_numpy())
     nums["slope"] = slope
     span = f"B = {int(bs.min())} to {int(bs.max())} (flat test metric)"
-    edges = part[part["edge"] != ""]
-    if len(edges):
-        nums["edge_batch_sizes"] = [int(b) for b in edges["batch_size"]]
-        where = ", ".join(f"{int(r.batch_size)} ({r.edge})" for r in edges.itertuples())
+    if where := _at_edge(part, nums):
         return (
             UNKNOWN,
             f"slope {slope:.2f} over {span}, but the optimum sits at the edge of the lr grid "

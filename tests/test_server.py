@@ -104,7 +104,7 @@ def test_ui_serves_one_experiment_per_study_with_its_figures_on_the_parent_run(
             line = ui.stdout.readline()
             assert line, "".join(lines)  # it exited
             lines.append(line)
-            if line.startswith("single runs:"):
+            if line.startswith("store: "):  # the last line
                 break
         text = "".join(lines)
         base = f"http://127.0.0.1:{port}"

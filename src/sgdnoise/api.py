@@ -27,11 +27,10 @@ def _store(
     """(tracking URI, the study's experiment, studies) from the params: reading needs
     nothing else."""
     from sgdnoise.config import raw_params, store_config
+    from sgdnoise.tracking import resolve_uri
 
     raw = raw_params(params, list(overrides))
     cfg = store_config(raw)
-    from sgdnoise.tracking import resolve_uri
-
     uri = tracking_uri or resolve_uri(cfg)
     return uri, experiment or study_experiment(raw, cfg, study), dict(cfg.studies)
 

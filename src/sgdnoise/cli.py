@@ -342,7 +342,7 @@ def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
     import signal
 
     from sgdnoise import server
-    from sgdnoise.tracking import redact, resolve_uri
+    from sgdnoise.tracking import resolve_uri
 
     cfg = _config(args, extra)
     uri = resolve_uri(cfg)
@@ -354,7 +354,7 @@ def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         base = server.wait_ready(proc, args.port)
-        print(f"store: {redact(uri)}\nserving {base} (Ctrl-C stops it)")
+        print(f"serving {base} (Ctrl-C stops it)")
         _print_links(uri, base, cfg.tracking.experiment)
         return proc.wait()
     except KeyboardInterrupt:
@@ -368,7 +368,7 @@ def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _print_links(uri: str, base: str, experiment: str) -> None:
     from sgdnoise.server import TRAINING_VIEW, study_links
-    from sgdnoise.tracking import client, experiment_id
+    from sgdnoise.tracking import client, redact
 
     links = study_links(uri, base, experiment)
     for s in links:
@@ -377,8 +377,10 @@ def _print_links(uri: str, base: str, experiment: str) -> None:
             print(f"  parent: {s.parent}")
     if not links:
         print("no studies recorded yet (make study, or sgdnoise sweep STUDY)")
-    exp = experiment_id(client(uri), experiment)
-    print(f"single runs: {base}/#/experiments/{exp}/runs?{TRAINING_VIEW}", flush=True)
+    exp = client(uri).get_experiment_by_name(experiment)  # showing the store creates nothing
+    if exp is not None:
+        print(f"single runs: {base}/#/experiments/{exp.experiment_id}/runs?{TRAINING_VIEW}")
+    print(f"store: {redact(uri)}", flush=True)
 
 
 COMMANDS = {
