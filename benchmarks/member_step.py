@@ -2,17 +2,21 @@
 
     python benchmarks/member_step.py                          # B = 4, 16, 64, 128; K = 4 … 32
     python benchmarks/member_step.py --batch-sizes 4 --packs 8 16
+    python benchmarks/member_step.py --autograd               # packs through autograd
 
 The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the training step only
 (batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
-step unpacked (the model and `HeavyBall`, as `train()` runs it) and packed (`StackedModel`
-and `StackedSGD`, as a pack runs it), and each as a multiple of the time its FLOPs (6 per
-parameter per example) take at the fp32 matrix-multiply peak of one thread, measured here.
+step unpacked (the model and `HeavyBall`, as `train()` runs it) and packed (`StackedNet`,
+as a pack runs it: the hand-written step of sgdnoise.models.packed_mlp, or with
+`--autograd` the packed model through autograd), and each as a multiple of the time its
+FLOPs (6 per parameter per example) take at the fp32 matrix-multiply peak of one thread,
+measured here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import study_efficiency
@@ -22,8 +26,8 @@ import torch.nn.functional as F
 from sgdnoise.allocator import keep_freed_memory
 from sgdnoise.config import from_dict
 from sgdnoise.models.build import build_model
-from sgdnoise.models.packed import StackedModel
-from sgdnoise.optim import StackedSGD, make_optimizer
+from sgdnoise.nets import StackedNet
+from sgdnoise.optim import make_optimizer
 
 N = 8000
 
@@ -51,21 +55,19 @@ def unpacked(B: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
     return timed(step, n)
 
 
-def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
+def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, autograd: bool) -> float:
     cfg = from_dict({})
     template = build_model(cfg.model, (40,), 10)
-    net = StackedModel(template, [build_model(cfg.model, (40,), 10).state_dict()
-                                  for _ in range(K)])  # fmt: skip
-    opt = StackedSGD(net.params, 0.9, 5e-4)
+    states = [build_model(cfg.model, (40,), 10).state_dict() for _ in range(K)]
+    net = StackedNet(template, states, [None] * K, 0.9, 5e-4, "classification", 2048)
+    if autograd:
+        net.by_hand = None
     lrs = [0.01 * (1 + k // 2) for k in range(K)]  # two seeds per learning rate
 
     def step() -> None:
-        idx = torch.randint(0, N, (K, B))
-        out = net(X[idx.reshape(-1)].view(K, B, -1))
-        ce = F.cross_entropy(out.flatten(0, 1), Y[idx].reshape(-1), reduction="none")
-        ce.view(K, -1).mean(1).sum().backward()
-        opt.step(lrs)
-        opt.zero_grad()
+        idx = torch.randint(0, N, (K * B,))
+        net.backward(net.losses(X[idx], Y[idx], contextlib.nullcontext), 1)
+        net.step(lrs)
 
     return timed(step, n) / K
 
@@ -74,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 128])
     ap.add_argument("--packs", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--autograd", action="store_true", help="packs through autograd")
     args = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(1)
@@ -86,7 +89,9 @@ def main() -> None:
     for B in args.batch_sizes:
         n = max(50, 20_000 // B)
         at_peak = 6 * params * B / peak
-        cells = [unpacked(B, X, Y, n)] + [packed(B, k, X, Y, n // 4) for k in args.packs]
+        cells = [unpacked(B, X, Y, n)] + [
+            packed(B, k, X, Y, n // 4, args.autograd) for k in args.packs
+        ]
         print(f"{B:>5} " + " ".join(f"{t * 1e6:>8.0f} ({t / at_peak:>4.1f}x)" for t in cells),
               flush=True)  # fmt: skip
 

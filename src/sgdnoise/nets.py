@@ -10,7 +10,9 @@ kind resumes the other's checkpoints), and dropping members that finished.
   the number of micro-batches, evaluation sharded over processes. Its arithmetic is the
   reference the packed path is tested against.
 - `StackedNet` holds K members in one packed module (sgdnoise.models.packed): one forward,
-  backward and `StackedSGD` step for all of them, each member's examples side by side.
+  backward and `StackedSGD` step for all of them, each member's examples side by side. A
+  pack of plain MLPs trained in fp32 steps through sgdnoise.models.packed_mlp instead of
+  autograd: the same kernels in the same order, without autograd's fixed costs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgdnoise.models.packed import StackedModel
+from sgdnoise.models.packed_mlp import PackedMLPStep, mlp_layers
 from sgdnoise.optim import HeavyBall, StackedSGD
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -144,9 +147,13 @@ class StackedNet:
 
     def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]],
                  optimizer_states: Sequence[dict[str, Any] | None], momentum: float,
-                 weight_decay: float, task: str, eval_batch: int):  # fmt: skip
+                 weight_decay: float, task: str, eval_batch: int,
+                 fp32: bool = True):  # fmt: skip
+        """`fp32`: no autocast (bf16 steps go through autograd, which autocast hooks)."""
         self.task, self.eval_batch = task, eval_batch
         self.stack = StackedModel(template, states)
+        layers = mlp_layers(self.stack.module) if fp32 and task == "classification" else None
+        self.by_hand = PackedMLPStep(layers) if layers else None
         self.optimizer = StackedSGD(self.stack.params, momentum, weight_decay)
         if optimizer_states[0] is not None and optimizer_states[0]["state"]:
             # Resumed members' momentum buffers, stacked in the packed layout.
@@ -175,6 +182,8 @@ class StackedNet:
     def losses(self, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> torch.Tensor:
         """(K,): each member's mean loss; x (K·M, ...) and y (K·M,) member-major."""
         K = self.size
+        if self.by_hand is not None:
+            return self.by_hand.losses(x, y, K)
         x = x.view(K, -1, *x.shape[1:])
         with autocast():
             out = self.stack(x)
@@ -184,6 +193,9 @@ class StackedNet:
         return ce.view(K, -1).mean(1)
 
     def backward(self, losses: torch.Tensor, micro_batches: int) -> None:
+        if self.by_hand is not None:
+            self.by_hand.backward(micro_batches)
+            return
         (losses.sum() / micro_batches if micro_batches > 1 else losses.sum()).backward()
 
     def grads(self) -> list[torch.Tensor]:
@@ -241,3 +253,5 @@ class StackedNet:
     def select(self, keep: list[int]) -> None:
         self.stack.select(keep)
         self.optimizer.select(keep, self.stack.params)
+        if self.by_hand is not None:
+            self.by_hand.forget()

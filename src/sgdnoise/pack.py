@@ -261,6 +261,7 @@ def _train_group(
         template, [{k: v.to(acc.device) for k, v in s.items()} for s in states],
         [r["optimizer"] if r is not None else None for r in resumes], cfg0.momentum,
         cfg0.train.weight_decay, task, cfg0.train.eval_batch_size,
+        fp32=cfg0.train.precision == "fp32",
     )  # fmt: skip
     setup = Setup(root, acc, data, task, augment, total_steps(cfg0, data.n_train), parent_run_id,
                   track, keep_state)  # fmt: skip
