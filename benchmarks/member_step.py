@@ -3,6 +3,7 @@
     python benchmarks/member_step.py                          # B = 4, 16, 64, 128; K = 4 … 32
     python benchmarks/member_step.py --batch-sizes 4 --packs 8 16
     python benchmarks/member_step.py --autograd               # packs through autograd
+    python benchmarks/member_step.py --compare                # by hand / autograd, interleaved
 
 The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the training step only
 (batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
@@ -55,7 +56,7 @@ def unpacked(B: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
     return timed(step, n)
 
 
-def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, autograd: bool) -> float:
+def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, autograd: bool):
     cfg = from_dict({})
     template = build_model(cfg.model, (40,), 10)
     states = [build_model(cfg.model, (40,), 10).state_dict() for _ in range(K)]
@@ -69,7 +70,19 @@ def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, autograd: b
         net.backward(net.losses(X[idx], Y[idx], contextlib.nullcontext), 1)
         net.step(lrs)
 
-    return timed(step, n) / K
+    return step
+
+
+def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, autograd: bool) -> float:
+    return timed(packed_step(B, K, X, Y, autograd), n) / K
+
+
+def compare(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, rounds: int = 5) -> float:
+    """Median over interleaved rounds of (by hand) / (autograd) step time: the machine's
+    noise hits both alike."""
+    hand, auto = packed_step(B, K, X, Y, False), packed_step(B, K, X, Y, True)
+    ratios = sorted(timed(hand, n) / timed(auto, n) for _ in range(rounds))
+    return ratios[len(ratios) // 2]
 
 
 def main() -> None:
@@ -77,11 +90,24 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 128])
     ap.add_argument("--packs", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--autograd", action="store_true", help="packs through autograd")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="packs: step time by hand / through autograd (median of 5 rounds)",
+    )
     args = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(1)
     peak = study_efficiency.gemm_peak()
     X, Y = torch.randn(N, 40), torch.randint(0, 10, (N,))
+    if args.compare:
+        print("packed step time, by hand / autograd (median of 5 interleaved rounds)")
+        print(f"{'B':>5} " + " ".join(f"{'K=' + str(k):>6}" for k in args.packs))
+        for B in args.batch_sizes:
+            n = max(20, 4_000 // B)
+            cells = [compare(B, k, X, Y, n) for k in args.packs]
+            print(f"{B:>5} " + " ".join(f"{r:>6.2f}" for r in cells), flush=True)
+        return
     params = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     print(f"fp32 GEMM peak, one thread: {peak / 1e9:.0f} GFLOP/s; µs per member-step "
           f"(x its FLOPs at peak)")  # fmt: skip
