@@ -12,7 +12,7 @@ same order, into gradient buffers that stay in place from step to step:
   `F.cross_entropy`'s log-softmax and negative log-likelihood, each member's mean;
 - backward: autograd's own `_log_softmax_backward_data` on the gradient that the mean and
   the negative log-likelihood hand it, then per layer the `bmm`s and the bias sum of
-  `_PackedLinearFn.backward` and the ReLU mask of `threshold_backward`.
+  `_PackedLinearFn.backward` and ReLU's `threshold_backward`.
 
 So a member's parameters follow the autograd path's to the bit (tests/test_packed_mlp.py).
 At B = 4 … 16 a member-step costs about two thirds of the autograd one on this CPU
@@ -117,8 +117,10 @@ class PackedMLPStep:
             if layer.bias is not None:
                 self._accumulate(layer.bias, lambda out, g=g: torch.sum(g, 1, out=out))
             if i > 0:
-                g = torch.bmm(g, layer.weight.transpose(1, 2))
-                g.masked_fill_(h == 0, 0.0)  # ReLU's threshold_backward, on its output
+                # ReLU's backward on its output, as autograd runs it (one pass, not a mask).
+                g = torch.ops.aten.threshold_backward(
+                    torch.bmm(g, layer.weight.transpose(1, 2)), h, 0
+                )
         self._acts = []
 
     def _accumulate(self, p: torch.Tensor, compute) -> None:
