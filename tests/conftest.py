@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The suite runs offline: MLflow's usage telemetry would try the network from every process
-# that uses a client, and flushes its queue at exit (suspected when `sgdnoise ui` once
-# outlived the Ctrl-C test's 60 s on a loaded machine; alone it exits in seconds).
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "SGDNOISE_ROOT"):
     os.environ.pop(var, None)
 

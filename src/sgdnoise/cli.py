@@ -351,6 +351,9 @@ def cmd_ui(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     proc = server.start(uri, args.port)
     # Ctrl-C and SIGTERM both end in stop(): the server's process group goes with us.
+    # SIGINT too is set here: a process started in the background by a shell without job
+    # control inherits SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         base = server.wait_ready(proc, args.port)
