@@ -15,8 +15,8 @@ same order, into gradient buffers that stay in place from step to step:
   `_PackedLinearFn.backward` and ReLU's `threshold_backward`.
 
 So a member's parameters follow the autograd path's to the bit (tests/test_packed_mlp.py).
-At B = 4 … 16 a member-step costs about two thirds of the autograd one on this CPU
-(benchmarks/member_step.py); above that the matrix products dominate and the two agree.
+A packed step by hand takes 0.67–0.92 of the autograd one at B = 4 … 16 on this CPU,
+0.83–0.97 at B = 64, depending on the pack size (`benchmarks/member_step.py --compare`).
 Any other model, or autocast, takes the autograd path.
 """
 
@@ -69,14 +69,6 @@ class PackedMLPStep:
         self._y = torch.empty(0, dtype=torch.long)
         # Gradient buffers reused every step (the optimizer sets .grad to None after it).
         self._buffers: dict[int, torch.Tensor] = {}
-
-    def params(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for layer in self.layers:
-            out.append(layer.weight)
-            if layer.bias is not None:
-                out.append(layer.bias)
-        return out
 
     @torch.no_grad()
     def losses(self, x: torch.Tensor, y: torch.Tensor, K: int) -> torch.Tensor:
