@@ -2,16 +2,19 @@
 
     python benchmarks/member_step.py                          # B = 4, 16, 64, 128; K = 4 … 32
     python benchmarks/member_step.py --batch-sizes 4 --packs 8 16
-    python benchmarks/member_step.py --autograd               # packs through autograd
-    python benchmarks/member_step.py --compare                # by hand / autograd, interleaved
+    python benchmarks/member_step.py --kernel torch           # packs: the torch path
+    python benchmarks/member_step.py --compare                # torch path / autograd
+    python benchmarks/member_step.py --compare-native         # C kernel / torch path
 
 The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the training step only
 (batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
 step unpacked (the model and `HeavyBall`, as `train()` runs it) and packed (`StackedNet`,
-as a pack runs it: the hand-written step of sgdnoise.models.packed_mlp, or with
-`--autograd` the packed model through autograd), and each as a multiple of the time its
-FLOPs (6 per parameter per example) take at the fp32 matrix-multiply peak of one thread,
-measured here.
+as a pack runs it: by default the kernel a sweep picks, the C kernel of
+sgdnoise.models.native_mlp at B <= pack.NATIVE_MAX_BATCH and the hand-written torch step of
+sgdnoise.models.packed_mlp above; `--kernel` picks one, `autograd` the packed model through
+autograd), and each as a multiple of the time its FLOPs (6 per parameter per example) take
+at the fp32 matrix-multiply peak of one thread, measured here. The comparisons interleave
+the two kernels and give the median of 5 rounds' time ratios.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sgdnoise.config import from_dict
 from sgdnoise.models.build import build_model
 from sgdnoise.nets import StackedNet
 from sgdnoise.optim import make_optimizer
+from sgdnoise.pack import NATIVE_MAX_BATCH
 
 N = 8000
 
@@ -56,12 +60,17 @@ def unpacked(B: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
     return timed(step, n)
 
 
-def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, autograd: bool):
+def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, kernel: str):
+    """One pack step through `kernel`: native, torch, autograd, or auto (as a sweep)."""
     cfg = from_dict({})
     template = build_model(cfg.model, (40,), 10)
     states = [build_model(cfg.model, (40,), 10).state_dict() for _ in range(K)]
-    net = StackedNet(template, states, [None] * K, 0.9, 5e-4, "classification", 2048)
-    if autograd:
+    native = kernel == "native" or (kernel == "auto" and B <= NATIVE_MAX_BATCH)
+    net = StackedNet(template, states, [None] * K, 0.9, 5e-4, "classification", 2048,
+                     native=native)  # fmt: skip
+    if native and net.kernel != "native":
+        raise SystemExit("the C kernel could not be built here")
+    if kernel == "autograd":
         net.by_hand = None
     lrs = [0.01 * (1 + k // 2) for k in range(K)]  # two seeds per learning rate
 
@@ -73,15 +82,16 @@ def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, autograd: bool
     return step
 
 
-def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, autograd: bool) -> float:
-    return timed(packed_step(B, K, X, Y, autograd), n) / K
+def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, kernel: str) -> float:
+    return timed(packed_step(B, K, X, Y, kernel), n) / K
 
 
-def compare(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, rounds: int = 5) -> float:
-    """Median over interleaved rounds of (by hand) / (autograd) step time: the machine's
-    noise hits both alike."""
-    hand, auto = packed_step(B, K, X, Y, False), packed_step(B, K, X, Y, True)
-    ratios = sorted(timed(hand, n) / timed(auto, n) for _ in range(rounds))
+def compare(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, kernels: tuple[str, str],
+            rounds: int = 5) -> float:  # fmt: skip
+    """Median over interleaved rounds of the step time of kernels[0] / kernels[1]: the
+    machine's noise hits both alike."""
+    a, b = (packed_step(B, K, X, Y, k) for k in kernels)
+    ratios = sorted(timed(a, n) / timed(b, n) for _ in range(rounds))
     return ratios[len(ratios) // 2]
 
 
@@ -89,23 +99,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64, 128])
     ap.add_argument("--packs", type=int, nargs="+", default=[4, 8, 16, 32])
-    ap.add_argument("--autograd", action="store_true", help="packs through autograd")
-    ap.add_argument(
-        "--compare",
-        action="store_true",
-        help="packs: step time by hand / through autograd (median of 5 rounds)",
-    )
+    ap.add_argument("--kernel", choices=["auto", "native", "torch", "autograd"], default="auto",
+                    help="what packs step through (auto: as a sweep picks)")  # fmt: skip
+    ap.add_argument("--compare", action="store_true",
+                    help="packs: step time through the torch path / autograd")  # fmt: skip
+    ap.add_argument("--compare-native", action="store_true",
+                    help="packs: step time through the C kernel / the torch path")  # fmt: skip
     args = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(1)
     peak = study_efficiency.gemm_peak()
     X, Y = torch.randn(N, 40), torch.randint(0, 10, (N,))
-    if args.compare:
-        print("packed step time, by hand / autograd (median of 5 interleaved rounds)")
+    if args.compare or args.compare_native:
+        kernels = ("native", "torch") if args.compare_native else ("torch", "autograd")
+        print(f"packed step time, {kernels[0]} / {kernels[1]} (median of 5 interleaved rounds)")
         print(f"{'B':>5} " + " ".join(f"{'K=' + str(k):>6}" for k in args.packs))
         for B in args.batch_sizes:
             n = max(20, 4_000 // B)
-            cells = [compare(B, k, X, Y, n) for k in args.packs]
+            cells = [compare(B, k, X, Y, n, kernels) for k in args.packs]
             print(f"{B:>5} " + " ".join(f"{r:>6.2f}" for r in cells), flush=True)
         return
     params = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
@@ -116,7 +127,7 @@ def main() -> None:
         n = max(50, 20_000 // B)
         at_peak = 6 * params * B / peak
         cells = [unpacked(B, X, Y, n)] + [
-            packed(B, k, X, Y, n // 4, args.autograd) for k in args.packs
+            packed(B, k, X, Y, n // 4, args.kernel) for k in args.packs
         ]
         print(f"{B:>5} " + " ".join(f"{t * 1e6:>8.0f} ({t / at_peak:>4.1f}x)" for t in cells),
               flush=True)  # fmt: skip

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sgdnoise.config import Config, from_dict, with_values
+from sgdnoise.models import native_mlp
 from sgdnoise.pack import (
     MAX_PACK,
     StackedModel,
@@ -140,6 +141,9 @@ def test_a_diverging_member_is_recorded_at_once_and_the_others_go_on(
         assert run.data.tags["sgdnoise.status"] == r.status
         assert run.data.tags["sgdnoise.run_key"] == cfg.run_key
         assert run.data.params["derived.pack"] == "4"
+        # B = 32 plain MLP on the CPU: the C kernel, when this machine can build it.
+        expected = "native" if native_mlp.library() else "torch"
+        assert run.data.params["derived.step_kernel"] == expected
         assert float(run.data.params["train.lr_eff"]) == cfg.train.lr_eff
     assert client.get_run(packed[1].run_id).data.metrics["diverged"] == 1.0
 

@@ -242,11 +242,12 @@ class Setup:
 def members_for(
     s: Setup, cfgs: Sequence[Config], ckpts: Sequence[Checkpointer],
     resumes: Sequence[dict[str, Any] | None], tags: Sequence[dict[str, str] | None],
-    packed: bool,
+    packed: bool, kernel: str | None = None,
 ) -> list[Member]:  # fmt: skip
     """A Member per config: its order (shared by members of one seed), learning rates,
     checkpointer (which loaded `resumes`), and MLflow run (resumed from its checkpoint, or
-    started on the main process with the run's derived params)."""
+    started on the main process with the run's derived params; a pack's `kernel`, what
+    computes its steps, among them)."""
     orders: dict[int, BatchOrder] = {}
     device, P = s.acc.device, s.acc.num_processes
     members = []
@@ -267,6 +268,7 @@ def members_for(
             }  # fmt: skip
             if packed:
                 derived["derived.pack"] = len(cfgs)
+                derived["derived.step_kernel"] = kernel
             tracker = start_tracking(
                 cfg, s.root, derived, s.data.checksum, str(device), P, s.parent_run_id,
                 tags[i], auto_flush=not ckpt.enabled,

@@ -11,8 +11,10 @@ kind resumes the other's checkpoints), and dropping members that finished.
   reference the packed path is tested against.
 - `StackedNet` holds K members in one packed module (sgdnoise.models.packed): one forward,
   backward and `StackedSGD` step for all of them, each member's examples side by side. A
-  pack of plain MLPs trained in fp32 steps through sgdnoise.models.packed_mlp instead of
-  autograd: the same kernels in the same order, without autograd's fixed costs.
+  pack of plain MLPs trained in fp32 steps without autograd: on the CPU at small batch sizes
+  through the C kernel of sgdnoise.models.native_mlp (forward, backward and update in two
+  calls), else through sgdnoise.models.packed_mlp (the same torch kernels in the same order
+  as autograd, without autograd's fixed costs). `StackedNet.kernel` names the path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgdnoise.models import native_mlp
 from sgdnoise.models.packed import StackedModel
 from sgdnoise.models.packed_mlp import PackedMLPStep, mlp_layers
 from sgdnoise.optim import HeavyBall, StackedSGD
@@ -148,12 +151,18 @@ class StackedNet:
     def __init__(self, template: nn.Module, states: Sequence[dict[str, torch.Tensor]],
                  optimizer_states: Sequence[dict[str, Any] | None], momentum: float,
                  weight_decay: float, task: str, eval_batch: int,
-                 fp32: bool = True):  # fmt: skip
-        """`fp32`: no autocast (bf16 steps go through autograd, which autocast hooks)."""
+                 fp32: bool = True, native: bool = False):  # fmt: skip
+        """`fp32`: no autocast (bf16 steps go through autograd, which autocast hooks).
+        `native`: a plain MLP may step through the C kernel (the caller checks that the
+        parameters are on the CPU and that every step is one micro-batch: the kernel fuses
+        the backward pass with the update)."""
         self.task, self.eval_batch = task, eval_batch
         self.stack = StackedModel(template, states)
         layers = mlp_layers(self.stack.module) if fp32 and task == "classification" else None
         self.by_hand = PackedMLPStep(layers) if layers else None
+        lib = native_mlp.library() if layers and native else None
+        self.native = native_mlp.NativeMLPStep(lib, layers) if lib and layers else None
+        self.kernel = "native" if self.native else "torch" if self.by_hand else "autograd"
         self.optimizer = StackedSGD(self.stack.params, momentum, weight_decay)
         if optimizer_states[0] is not None and optimizer_states[0]["state"]:
             # Resumed members' momentum buffers, stacked in the packed layout.
@@ -182,6 +191,8 @@ class StackedNet:
     def losses(self, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> torch.Tensor:
         """(K,): each member's mean loss; x (K·M, ...) and y (K·M,) member-major."""
         K = self.size
+        if self.native is not None:
+            return self.native.losses(x, y, K)
         if self.by_hand is not None:
             return self.by_hand.losses(x, y, K)
         x = x.view(K, -1, *x.shape[1:])
@@ -193,15 +204,30 @@ class StackedNet:
         return ce.view(K, -1).mean(1)
 
     def backward(self, losses: torch.Tensor, micro_batches: int) -> None:
+        if self.native is not None:
+            # Fused with the update in step(): one micro-batch per step, nothing to add up.
+            if micro_batches != 1:
+                raise RuntimeError("the native MLP step takes one micro-batch per step")
+            return
         if self.by_hand is not None:
             self.by_hand.backward(micro_batches)
             return
         (losses.sum() / micro_batches if micro_batches > 1 else losses.sum()).backward()
 
     def grads(self) -> list[torch.Tensor]:
+        if self.native is not None:
+            raise RuntimeError("the native MLP step keeps no gradients")
         return [p.grad for p in self.params]
 
     def step(self, lrs: Sequence[float]) -> None:
+        if self.native is not None:
+            opt = self.optimizer
+            opt.ensure_buffers()
+            buffers = {id(p): b for p, b in zip(opt.params, opt.momentum_buffers, strict=True)
+                       if b is not None}  # fmt: skip
+            group = opt.param_groups[0]
+            self.native.step(list(lrs), group["momentum"], group["weight_decay"], buffers)
+            return
         self.optimizer.step(lrs)
         self.optimizer.zero_grad()
 

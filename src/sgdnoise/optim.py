@@ -164,13 +164,17 @@ class StackedSGD(HeavyBall):
             )
         return self._views[1], self._views[2]
 
+    def ensure_buffers(self) -> None:
+        """Zero momentum buffers before the first step (m > 0): the first update m·0 + g
+        equals the unpacked run's clone of g."""
+        if self.param_groups[0]["momentum"] and any(b is None for b in self.momentum_buffers):
+            self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
+
     @torch.no_grad()
     def step(self, lrs: Sequence[float]) -> None:  # type: ignore[override]
         group = self.param_groups[0]
         m = group["momentum"]
-        if m and any(b is None for b in self.momentum_buffers):
-            # Zero buffers: the first update m·0 + g equals the unpacked run's clone of g.
-            self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
+        self.ensure_buffers()
         params, bufs = self._member_views()
         grads = [p.grad.unbind(0) for p in self.params]
         by_lr: dict[float, list[int]] = {}

@@ -28,7 +28,7 @@ from torch import nn
 
 from sgdnoise.allocator import keep_freed_memory
 from sgdnoise.checkpoint import Checkpointer
-from sgdnoise.config import Config, ConfigError, check_batch_size
+from sgdnoise.config import Config, ConfigError, accumulation_steps, check_batch_size
 from sgdnoise.data.order import derived_seed
 from sgdnoise.loop import Loop, OnDone, RunResult, Setup, members_for, total_steps
 from sgdnoise.models.packed import NotPackable, StackedModel, pack_model
@@ -64,6 +64,9 @@ def pack_key(cfg: Config) -> str:
 # here; benchmarks/gpu.sh measures it).
 PACK_FLOPS = {"cpu": (25e6, 100e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 16, "cuda": 16}
+# Packs of plain MLPs on the CPU at B <= this step through the C kernel of
+# sgdnoise.models.native_mlp (above it torch's matrix products are as fast).
+NATIVE_MAX_BATCH = 32
 
 
 def default_pack_size(cfg: Config, flops_per_example: float) -> int:
@@ -262,9 +265,11 @@ def _train_group(
         [r["optimizer"] if r is not None else None for r in resumes], cfg0.momentum,
         cfg0.train.weight_decay, task, cfg0.train.eval_batch_size,
         fp32=cfg0.train.precision == "fp32",
+        native=acc.device.type == "cpu" and accumulation_steps(cfg0, 1) == 1
+        and cfg0.train.batch_size <= NATIVE_MAX_BATCH,
     )  # fmt: skip
     setup = Setup(root, acc, data, task, augment, total_steps(cfg0, data.n_train), parent_run_id,
                   track, keep_state)  # fmt: skip
-    members = members_for(setup, cfgs, ckpts, resumes, tags, packed=True)
+    members = members_for(setup, cfgs, ckpts, resumes, tags, packed=True, kernel=net.kernel)
     noise = [r.get("noise") or {} for r in resumes] if resumes[0] is not None else None
     Loop(setup, net, members, start, noise, done).run()

@@ -1,0 +1,182 @@
+"""A packed plain MLP's whole training step in a small C kernel (models/native/mlp_step.c).
+
+At B = 4 … 32 a member's step of the default MLP is a few matrix products with 4 to 32 rows:
+torch's batched kernels run those at about a quarter of the CPU's peak, and the gradient,
+momentum and update then stream every weight through memory three more times. The kernel
+reads each weight row once in the forward pass and once in the backward pass, where the
+input gradient, the weight gradient, the momentum and the update are computed while the
+row is in L1, and it runs the pack's step in two calls instead of some thirty torch
+operations. `benchmarks/member_step.py --compare-native` measures it against the torch path.
+
+The kernel computes the same math as sgdnoise.models.packed_mlp (forward, cross-entropy,
+backward, heavy-ball SGD with L2) with sums in another order: a member's parameters agree
+with its unpacked run to float rounding amplified by training, within the tolerance that
+tests/test_pack.py states for every packed run (tests/test_native_mlp.py checks it against
+the torch path as well).
+
+It is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for the CPU it
+runs on, into a cache keyed by the source and the compiler (`$SGDNOISE_CACHE`, else
+~/.cache/sgdnoise). With no compiler, or with SGDNOISE_NATIVE=0, packs take the torch path;
+each run records which one trained it (the param `derived.step_kernel`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgdnoise.models.packed import PackedLinear
+
+SOURCE = Path(__file__).parent / "native" / "mlp_step.c"
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared"]
+MAX_LAYERS = 63  # the kernel keeps each layer's input pointer in a fixed array
+
+_lib: Any = None  # the loaded library, False once it failed
+
+
+def enabled() -> bool:
+    return os.environ.get("SGDNOISE_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SGDNOISE_CACHE"):
+        return Path(os.environ["SGDNOISE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sgdnoise"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _build() -> Path:
+    """The compiled library for this source, compiler and CPU (built once, then cached)."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + " ".join([cc, *FLAGS, version.stdout, platform.machine(), platform.node()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"mlp_step-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: workers that start together each build their
+        # own copy, and none ever loads a half-written file.
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True,
+                       capture_output=True, text=True)  # fmt: skip
+        os.replace(tmp, out)
+    return out
+
+
+def library() -> Any:
+    """The kernel's ctypes library, or None (disabled, or it could not be built: one line
+    on stderr says why, once per process)."""
+    global _lib
+    if _lib is None:
+        if not enabled():
+            _lib = False
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", None) or str(e)
+                print(f"sgdnoise: the native MLP step could not be built ({detail.strip()[:200]}); "
+                      "packed MLPs train through torch", file=sys.stderr)  # fmt: skip
+                _lib = False
+            else:
+                _declare(lib)
+                _lib = lib
+    return _lib or None
+
+
+def _declare(lib: Any) -> None:
+    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    lib.sgdn_mlp_forward.argtypes = [i, i, i, p, p, p, p, p, p, p]
+    lib.sgdn_mlp_forward.restype = None
+    lib.sgdn_mlp_backward_update.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, f, f]
+    lib.sgdn_mlp_backward_update.restype = None
+    lib.sgdn_mlp_ws_floats.argtypes = [i, i, i, p]
+    lib.sgdn_mlp_ws_floats.restype = i64
+
+
+def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None
+                                              for t in tensors])  # fmt: skip
+
+
+class NativeMLPStep:
+    """`losses` (forward) and `step` (backward and update, fused) for the pack of MLPs
+    whose Linear layers are `layers`, on the CPU in fp32."""
+
+    def __init__(self, lib: Any, layers: list[PackedLinear]):
+        if len(layers) > MAX_LAYERS:
+            raise ValueError(f"at most {MAX_LAYERS} layers")
+        self.lib, self.layers = lib, layers
+        dims = [layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in layers]
+        self._dims = (ctypes.c_int64 * len(dims))(*dims)
+        self._ws = torch.empty(0)
+        self._x = self._y = torch.empty(0)
+        self._n = 0
+        # Pointer arrays for the forward (weights, biases) and for the step (and buffers).
+        self._views: list[tuple[tuple[int, ...], tuple[ctypes.Array, ...]]] = [((), ()), ((), ())]
+
+    @property
+    def L(self) -> int:
+        return len(self.layers)
+
+    def _params(self, buffers: dict[int, torch.Tensor] | None) -> tuple[ctypes.Array, ...]:
+        """Pointer arrays of the weights and biases, and with `buffers` of their momentum
+        buffers (cached while the tensors stay the same objects; members retiring replace
+        them)."""
+        ws = [layer.weight for layer in self.layers]
+        bs = [layer.bias for layer in self.layers]
+        tensors = [ws, bs]
+        if buffers is not None:
+            tensors += [[buffers.get(id(w)) for w in ws],
+                        [buffers.get(id(b)) if b is not None else None for b in bs]]  # fmt: skip
+        key = tuple(id(t) for ts in tensors for t in ts)
+        cache = self._views[buffers is not None]
+        if cache[0] != key:
+            for t in (t for ts in tensors for t in ts):
+                assert t is None or (t.is_contiguous() and t.dtype == torch.float32)
+            cache = self._views[buffers is not None] = (key, tuple(_pointers(ts) for ts in tensors))
+        return cache[1]
+
+    @torch.no_grad()
+    def losses(self, x: torch.Tensor, y: torch.Tensor, K: int) -> torch.Tensor:
+        """(K,): each member's mean cross-entropy; x (K·n, ...) and y (K·n,) member-major."""
+        x = x.reshape(len(y), -1).contiguous()
+        self._x, self._y = x, y.contiguous()
+        n = len(y) // K
+        need = self.lib.sgdn_mlp_ws_floats(K, n, self.L, self._dims)
+        if self._ws.numel() < need:
+            self._ws = torch.empty(need)
+        self._n = n
+        out = torch.empty(K)
+        W, b = self._params(None)
+        self.lib.sgdn_mlp_forward(K, n, self.L, self._dims, W, b, x.data_ptr(),
+                                  self._y.data_ptr(), self._ws.data_ptr(), out.data_ptr())  # fmt: skip
+        return out
+
+    @torch.no_grad()
+    def step(self, lrs: list[float], momentum: float, weight_decay: float,
+             buffers: dict[int, torch.Tensor]) -> None:  # fmt: skip
+        """Backward and update after `losses`; `buffers`: momentum buffer by id of its
+        parameter (empty for plain SGD)."""
+        K = len(lrs)
+        W, b, V, vb = self._params(buffers)
+        rates = (ctypes.c_float * K)(*lrs)
+        self.lib.sgdn_mlp_backward_update(
+            K, self._n, self.L, self._dims, W, b, V, vb, self._x.data_ptr(), self._y.data_ptr(),
+            self._ws.data_ptr(), rates, momentum, weight_decay,
+        )  # fmt: skip
+        self._x = self._y = torch.empty(0)

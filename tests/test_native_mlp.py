@@ -1,0 +1,142 @@
+"""The C kernel's packed MLP step (sgdnoise.models.native_mlp) against the torch path.
+
+The same math with sums in another order: per-step losses agree to float rounding, and
+after steps with per-member learning rates, momentum or plain SGD, weight decay and members
+retiring, every parameter agrees within PARAM_RTOL of its largest entry (the tolerance
+tests/test_pack.py states for packed runs). Widths and batch sizes that are not multiples of
+the kernel's vector and row blocks, and layers without bias, are covered. Without a
+compiler, or with SGDNOISE_NATIVE=0, packs take the torch path and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sgdnoise.config import from_dict
+from sgdnoise.models import native_mlp
+from sgdnoise.models.build import build_model
+from sgdnoise.nets import StackedNet
+
+SHAPE = (40,)
+PARAM_RTOL = 1e-5
+LOSS_RTOL = 1e-5
+
+
+def pair(template: nn.Module, states: list[dict], momentum: float) -> tuple[StackedNet, ...]:
+    def make(native: bool) -> StackedNet:
+        return StackedNet(template, states, [None] * len(states), momentum, 5e-4,
+                          "classification", 512, native=native)  # fmt: skip
+
+    native, torch_path = make(True), make(False)
+    assert native.kernel == "native" and torch_path.kernel == "torch"
+    return native, torch_path
+
+
+def mlp_pair(model: dict, K: int, momentum: float) -> tuple[StackedNet, ...]:
+    cfg = from_dict({"model": model})
+    torch.manual_seed(0)
+    states = [build_model(cfg.model, SHAPE, 10).state_dict() for _ in range(K)]
+    return pair(build_model(cfg.model, SHAPE, 10), states, momentum)
+
+
+def train_both(a: StackedNet, b: StackedNet, n: int, steps: int, lr: float,
+               retire_at: int | None = None) -> None:  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(600, *SHAPE, generator=g), torch.randint(0, 10, (600,), generator=g)
+    for step in range(steps):
+        lrs = [lr * (k + 1) for k in range(a.size)]
+        idx = torch.randint(0, 600, (a.size * n,), generator=g)
+        la = a.losses(X[idx], Y[idx], contextlib.nullcontext)
+        lb = b.losses(X[idx], Y[idx], contextlib.nullcontext)
+        assert torch.allclose(la, lb, rtol=LOSS_RTOL, atol=0), step
+        a.backward(la, 1)
+        b.backward(lb, 1)
+        a.step(lrs)
+        b.step(lrs)
+        if step == retire_at:
+            a.select([0, 2, 3])
+            b.select([0, 2, 3])
+
+
+def assert_close(a: StackedNet, b: StackedNet) -> None:
+    for pa, pb in zip(a.params, b.params, strict=True):
+        err = ((pa - pb).abs().max() / pb.abs().max()).item()
+        assert err <= PARAM_RTOL, f"{tuple(pa.shape)}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "model, n",
+    [({}, 4), ({}, 16), ({"depth": 1, "width": 20}, 3), ({"depth": 3, "width": 36}, 7)],
+    ids=["default-B4", "default-B16", "narrow-B3", "deep-B7"],
+)
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "sgd"])
+def test_native_step_equals_the_torch_path(model: dict, n: int, momentum: float) -> None:
+    a, b = mlp_pair(model, K=5, momentum=momentum)
+    start = [p.detach().clone() for p in b.params]
+    train_both(a, b, n, steps=30, lr=0.01, retire_at=11)
+    assert a.size == 3
+    assert_close(a, b)
+    moved = max(((p - s[[0, 2, 3]]).abs().max() / s.abs().max()).item()
+                for p, s in zip(b.params, start, strict=True))  # fmt: skip
+    assert moved > 100 * PARAM_RTOL  # the comparison is not trivially met
+    if momentum:  # the momentum buffers are the optimizer's, in place: checkpoints see them
+        for va, vb in zip(a.optimizer.momentum_buffers, b.optimizer.momentum_buffers,
+                          strict=True):  # fmt: skip
+            assert va is not None and vb is not None
+            assert ((va - vb).abs().max() / vb.abs().max()).item() <= 1e-4
+
+
+def test_layers_without_bias() -> None:
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Flatten(), nn.Linear(40, 24, bias=False), nn.ReLU(),
+                             nn.Linear(24, 10))  # fmt: skip
+    states = [nn.Sequential(nn.Flatten(), nn.Linear(40, 24, bias=False), nn.ReLU(),
+                            nn.Linear(24, 10)).state_dict() for _ in range(4)]  # fmt: skip
+    a, b = pair(template, states, 0.9)
+    train_both(a, b, n=5, steps=20, lr=0.02)
+    assert_close(a, b)
+
+
+def test_a_diverging_member_turns_non_finite_and_the_others_do_not() -> None:
+    a, b = mlp_pair({"depth": 1, "width": 32}, K=2, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(64, *SHAPE, generator=g) * 10, torch.randint(0, 10, (64,), generator=g)
+    losses = torch.zeros(2)
+    for _ in range(40):
+        losses = a.losses(X[:8], Y[:8], contextlib.nullcontext)
+        a.backward(losses, 1)
+        a.step([1e-3, 1e6])
+    assert torch.isfinite(losses[0]) and not torch.isfinite(losses[1])
+
+
+def test_disabled_or_without_a_compiler_packs_take_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(native_mlp, "_lib", None)
+    monkeypatch.setenv("SGDNOISE_NATIVE", "0")
+    assert native_mlp.library() is None
+    # No compiler, an empty cache: one line says why, the pack still trains through torch.
+    script = (
+        "from sgdnoise.models import native_mlp\n"
+        "assert native_mlp.library() is None\n"
+        "assert native_mlp.library() is None\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "CC": str(tmp_path / "no-such-cc"),
+           "SGDNOISE_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not be built" in lines[0], out.stderr
+    assert not any((tmp_path / "cache").glob("*.so"))
+    # A clean build into an empty cache: one library, nothing half-written beside it.
+    env["CC"] = "cc"
+    subprocess.run([sys.executable, "-c", script.replace("is None", "is not None")], env=env,
+                   check=True)  # fmt: skip
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
