@@ -317,8 +317,8 @@ def _tidy(raw: _Raw, metric_keys: tuple[str, ...], notes: list[str]) -> tuple[pd
 
 
 def metric_history(tracking_uri: str, run_ids: list[str], key: str) -> pd.DataFrame:
-    """Every logged value of metric `key` for the runs: columns run_id, step, value (NaN
-    where MLflow stored NaN), sorted by run and step. SQL for database URIs, else the
+    """The logged values of metric `key` for the runs, one per step: columns run_id, step,
+    value (NaN where MLflow stored NaN), sorted by run and step. SQL for database URIs, else the
     client's per-run history."""
     if not run_ids:
         return pd.DataFrame({"run_id": [], "step": [], "value": []})
@@ -349,4 +349,7 @@ def metric_history(tracking_uri: str, run_ids: list[str], key: str) -> pd.DataFr
             columns=["run_id", "step", "value"],
         )
     df = df.astype({"step": int, "value": float})
+    # One value per run and step: a store written before sgdnoise stopped re-logging
+    # grad_noise_scale with the final metrics holds some final steps twice (same value).
+    df = df.drop_duplicates(["run_id", "step"], keep="last")
     return df.sort_values(["run_id", "step"], kind="mergesort").reset_index(drop=True)

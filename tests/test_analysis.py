@@ -306,6 +306,24 @@ def test_sql_and_client_readers_give_the_same_table(store):
     assert sql.notes == api.notes
 
 
+def test_metric_history_has_one_value_per_run_and_step(tmp_path):
+    """A value logged twice at one step (older sgdnoise re-logged grad_noise_scale with the
+    final metrics, a millisecond later) counts once: medians over windows must not depend
+    on the clock."""
+    from analysis.query import metric_history
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment("h", artifact_location=str(tmp_path / "artifacts"))
+    rid = client.create_run(eid).info.run_id
+    logged = [(0, 9.0, 1), (5, 7.0, 2), (10, 3.0, 3), (10, 3.0, 4)]  # (step, value, ms)
+    client.log_batch(rid, metrics=[Metric("grad_noise_scale", v, 1_700_000_000_000 + ms, step)
+                                   for step, v, ms in logged])  # fmt: skip
+    assert len(client.get_metric_history(rid, "grad_noise_scale")) == 4  # MLflow keeps both
+    h = metric_history(uri, [rid], "grad_noise_scale")
+    assert list(zip(h["step"], h["value"], strict=True)) == [(0, 9.0), (5, 7.0), (10, 3.0)]
+
+
 def test_missing_study_or_experiment_raises_lookup_error(store, tmp_path):
     with pytest.raises(LookupError, match="'nope'.*exp-analysis"):
         analyze("nope", tracking_uri=store["uri"], experiment=EXPERIMENT, out_dir=tmp_path)

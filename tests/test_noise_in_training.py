@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 
 from sgdnoise.config import from_dict, with_values
 from sgdnoise.theory.noise_scale import NoiseWindow, estimate
 from sgdnoise.train import train
 
-from helpers import SMALL, write_project
+from helpers import SMALL, tracking_uri, write_project
 
 
 def test_window_sums_the_micro_batch_and_full_batch_gradient_norms() -> None:
@@ -47,9 +48,13 @@ def test_runs_with_accumulation_log_the_noise_scale(tmp_path: Path) -> None:
     root = write_project(tmp_path, SMALL)
     values = {"train.batch_size": 64, "train.budget.value": 10}
     cfg = from_dict(with_values(SMALL, {**values, "train.micro_batch_size": 16}))
-    res = train(cfg, root=root, track=False)
+    res = train(cfg, root=root)
     assert res.metrics["grad_noise_scale"] > 0
     assert "grad_noise_scale" in res.history[-1] and "grad_noise_scale" not in res.history[0]
+    # One value per evaluation in the run's history: the final metrics do not log it again.
+    logged = MlflowClient(tracking_uri(root)).get_metric_history(res.run_id, "grad_noise_scale")
+    curve = [(h["step"], h["grad_noise_scale"]) for h in res.history if "grad_noise_scale" in h]
+    assert sorted((m.step, m.value) for m in logged) == curve
     plain = train(from_dict(with_values(SMALL, values)), root=root, track=False)
     assert "grad_noise_scale" not in plain.metrics
     assert plain.state_sha256 != "" and res.run_key == plain.run_key

@@ -203,7 +203,11 @@ def finish_tracking(tracker: tracking.RunTracker | None, result: RunResult) -> N
     if tracker is None:
         return
     tags = {C.STATUS: result.status, C.STATE_SHA256: result.state_sha256}
-    tracker.finish(result.metrics, tags, "FINISHED")
+    # grad_noise_scale is a curve metric that the evaluations already logged: a second
+    # value at the last step would be a duplicate row in its history (or not, when both
+    # land in the same millisecond and MLflow merges them), moving medians over windows.
+    final = {k: v for k, v in result.metrics.items() if k != "grad_noise_scale"}
+    tracker.finish(final, tags, "FINISHED")
     result.run_id = tracker.run_id
 
 
