@@ -189,7 +189,8 @@ class StackedNet:
         return contextlib.nullcontext()
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> torch.Tensor:
-        """(K,): each member's mean loss; x (K·M, ...) and y (K·M,) member-major."""
+        """(K,): each member's mean loss; x (K·M, ...) and y (K·M,) member-major. Through
+        the C kernel the whole step runs in `step`, which fills this tensor in."""
         K = self.size
         if self.native is not None:
             return self.native.losses(x, y, K)

@@ -3,10 +3,10 @@
 At B = 4 … 32 a member's step of the default MLP is a few matrix products with 4 to 32 rows:
 torch's batched kernels run those at about a quarter of the CPU's peak, and the gradient,
 momentum and update then stream every weight through memory three more times. The kernel
-reads each weight row once in the forward pass and once in the backward pass, where the
-input gradient, the weight gradient, the momentum and the update are computed while the
-row is in L1, and it runs the pack's step in two calls instead of some thirty torch
-operations. `benchmarks/member_step.py --compare-native` measures it against the torch path.
+runs a member's forward pass, backward pass and update back to back while its weights are
+in the caches, multiplies with register-blocked loops, applies the weight gradient block by
+block as it is summed (never storing it), and takes the whole pack's step in one call
+instead of some thirty torch operations. `benchmarks/member_step.py --compare-native` measures it against the torch path.
 
 The kernel computes the same math as sgdnoise.models.packed_mlp (forward, cross-entropy,
 backward, heavy-ball SGD with L2) with sums in another order: a member's parameters agree
@@ -100,11 +100,9 @@ def library() -> Any:
 
 def _declare(lib: Any) -> None:
     p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
-    lib.sgdn_mlp_forward.argtypes = [i, i, i, p, p, p, p, p, p, p]
-    lib.sgdn_mlp_forward.restype = None
-    lib.sgdn_mlp_backward_update.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, f, f]
-    lib.sgdn_mlp_backward_update.restype = None
-    lib.sgdn_mlp_ws_floats.argtypes = [i, i, i, p]
+    lib.sgdn_mlp_step.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, f, f, p]
+    lib.sgdn_mlp_step.restype = None
+    lib.sgdn_mlp_ws_floats.argtypes = [i, i, p]
     lib.sgdn_mlp_ws_floats.restype = i64
 
 
@@ -124,59 +122,51 @@ class NativeMLPStep:
         dims = [layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in layers]
         self._dims = (ctypes.c_int64 * len(dims))(*dims)
         self._ws = torch.empty(0)
-        self._x = self._y = torch.empty(0)
-        self._n = 0
-        # Pointer arrays for the forward (weights, biases) and for the step (and buffers).
-        self._views: list[tuple[tuple[int, ...], tuple[ctypes.Array, ...]]] = [((), ()), ((), ())]
+        self._x = self._y = self._losses = torch.empty(0)
+        self._views: tuple[tuple[int, ...], tuple[ctypes.Array, ...]] = ((), ())
 
     @property
     def L(self) -> int:
         return len(self.layers)
 
-    def _params(self, buffers: dict[int, torch.Tensor] | None) -> tuple[ctypes.Array, ...]:
-        """Pointer arrays of the weights and biases, and with `buffers` of their momentum
-        buffers (cached while the tensors stay the same objects; members retiring replace
-        them)."""
+    def _params(self, buffers: dict[int, torch.Tensor]) -> tuple[ctypes.Array, ...]:
+        """Pointer arrays of the weights, the biases and their momentum buffers (cached while
+        the tensors stay the same objects; members retiring replace them)."""
         ws = [layer.weight for layer in self.layers]
         bs = [layer.bias for layer in self.layers]
-        tensors = [ws, bs]
-        if buffers is not None:
-            tensors += [[buffers.get(id(w)) for w in ws],
-                        [buffers.get(id(b)) if b is not None else None for b in bs]]  # fmt: skip
+        vw = [buffers.get(id(w)) for w in ws]
+        vb = [buffers.get(id(b)) if b is not None else None for b in bs]
+        tensors = [ws, bs, vw, vb]
         key = tuple(id(t) for ts in tensors for t in ts)
-        cache = self._views[buffers is not None]
-        if cache[0] != key:
+        if self._views[0] != key:
             for t in (t for ts in tensors for t in ts):
                 assert t is None or (t.is_contiguous() and t.dtype == torch.float32)
-            cache = self._views[buffers is not None] = (key, tuple(_pointers(ts) for ts in tensors))
-        return cache[1]
+            self._views = (key, tuple(_pointers(ts) for ts in tensors))
+        return self._views[1]
 
-    @torch.no_grad()
     def losses(self, x: torch.Tensor, y: torch.Tensor, K: int) -> torch.Tensor:
-        """(K,): each member's mean cross-entropy; x (K·n, ...) and y (K·n,) member-major."""
-        x = x.reshape(len(y), -1).contiguous()
-        self._x, self._y = x, y.contiguous()
-        n = len(y) // K
-        need = self.lib.sgdn_mlp_ws_floats(K, n, self.L, self._dims)
-        if self._ws.numel() < need:
-            self._ws = torch.empty(need)
-        self._n = n
-        out = torch.empty(K)
-        W, b = self._params(None)
-        self.lib.sgdn_mlp_forward(K, n, self.L, self._dims, W, b, x.data_ptr(),
-                                  self._y.data_ptr(), self._ws.data_ptr(), out.data_ptr())  # fmt: skip
-        return out
+        """(K,): each member's mean cross-entropy on x (K·n, ...) and y (K·n,), member-major.
+        The kernel runs the forward pass together with the backward pass and the update, so
+        the tensor returned here holds NaN until `step` fills it (the loop reads a step's
+        losses after the step)."""
+        self._x, self._y = x.reshape(len(y), -1).contiguous(), y.contiguous()
+        self._losses = torch.full((K,), float("nan"))
+        return self._losses
 
     @torch.no_grad()
     def step(self, lrs: list[float], momentum: float, weight_decay: float,
              buffers: dict[int, torch.Tensor]) -> None:  # fmt: skip
-        """Backward and update after `losses`; `buffers`: momentum buffer by id of its
-        parameter (empty for plain SGD)."""
+        """Forward, backward and update of every member on the batch given to `losses`;
+        `buffers`: momentum buffer by id of its parameter (empty for plain SGD)."""
         K = len(lrs)
+        n = len(self._y) // K
+        need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
+        if self._ws.numel() < need:
+            self._ws = torch.empty(need)
         W, b, V, vb = self._params(buffers)
         rates = (ctypes.c_float * K)(*lrs)
-        self.lib.sgdn_mlp_backward_update(
-            K, self._n, self.L, self._dims, W, b, V, vb, self._x.data_ptr(), self._y.data_ptr(),
-            self._ws.data_ptr(), rates, momentum, weight_decay,
+        self.lib.sgdn_mlp_step(
+            K, n, self.L, self._dims, W, b, V, vb, self._x.data_ptr(), self._y.data_ptr(),
+            self._ws.data_ptr(), rates, momentum, weight_decay, self._losses.data_ptr(),
         )  # fmt: skip
         self._x = self._y = torch.empty(0)

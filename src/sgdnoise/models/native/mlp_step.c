@@ -1,12 +1,14 @@
 /* A pack of plain MLPs (Linear, ReLU, ..., Linear; cross-entropy) trained by heavy-ball SGD
- * with L2, one optimizer step at a time, member by member, in one call per phase.
+ * with L2: one optimizer step of every member in one call, member by member.
  *
  * Why this exists: at the small batch sizes of the noise-dominated regime a member's step
- * is a few matrix products with 4 to 32 rows, and torch's batched kernels run those at a
- * quarter of the CPU's peak, then stream every weight through memory three more times
- * (gradient, momentum, update). Here each weight row is read once in the forward pass and
- * once in the backward pass, where the input gradient, the weight gradient, the momentum
- * and the update are all computed while the row is in registers and L1.
+ * is a few matrix products with 4 to 32 rows. torch's batched kernels run those at a
+ * quarter of the CPU's peak, and the gradient, the momentum and the update then stream
+ * every weight through memory again. Here a member's forward pass, backward pass and
+ * update run back to back while its weights are still in the caches; every product is
+ * the register-blocked outer-product loop below (6 or 4 rows x 16 columns of
+ * accumulators), and the weight gradient is applied block by block as it is computed,
+ * never stored.
  *
  * The math is that of sgdnoise.models.packed_mlp (and so of autograd and torch's fused
  * SGD): forward h_{l+1} = relu(h_l W_l + b_l), loss = mean over rows of
@@ -16,12 +18,13 @@
  * agree to float rounding, not to the bit.
  *
  * Layouts (all float32, C-contiguous): W_l (K, I_l, O_l), b_l (K, O_l), the same for the
- * momentum buffers; x (K, n, I_0); y (K, n) int64. The workspace holds, per member, the
- * input of every layer after the first and the last layer's probabilities.
+ * momentum buffers; x (K, n, I_0); y (K, n) int64. The workspace (sgdn_mlp_ws_floats)
+ * holds one member's activations and gradients at a time.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
@@ -38,39 +41,68 @@ static inline float hsum(v8 v) {
 /* max(a, 0) that keeps NaN, as torch's relu does (a diverging run must stay NaN). */
 static inline v8 relu8(v8 a) { return (v8)((vi8)a & ~(a < bc(0.0f))); }
 
-/* Rows r0 .. r0+nr-1 (nr <= 4) of out = h W + bias at the 16 columns ja .. ja+7 and
- * jb .. jb+7 (which may overlap: the shared columns get the same sums, in the same order).
- * Eight accumulators in registers; each W row segment loaded once for the four rows. */
-static inline void fwd_block(int n, int I, int O, const float *h, const float *W,
-                             const float *bias, float *out, int relu, int r0, int ja, int jb) {
-    int nr = n - r0 < 4 ? n - r0 : 4;
-    /* A short last block repeats its last row (computed, not stored). */
-    const float *h0 = h + (size_t)r0 * I;
-    const float *h1 = h + (size_t)(r0 + (nr > 1 ? 1 : 0)) * I;
-    const float *h2 = h + (size_t)(r0 + (nr > 2 ? 2 : nr - 1)) * I;
-    const float *h3 = h + (size_t)(r0 + (nr > 3 ? 3 : nr - 1)) * I;
-    v8 ba = bias ? LD(bias + ja) : bc(0.0f), bb = bias ? LD(bias + jb) : bc(0.0f);
-    v8 a0 = ba, a1 = ba, a2 = ba, a3 = ba, e0 = bb, e1 = bb, e2 = bb, e3 = bb;
-    for (int i = 0; i < I; i++) {
-        const float *w = W + (size_t)i * O;
-        v8 wa = LD(w + ja), wb = LD(w + jb);
-        v8 x0 = bc(h0[i]), x1 = bc(h1[i]), x2 = bc(h2[i]), x3 = bc(h3[i]);
-        a0 += x0 * wa; e0 += x0 * wb;
-        a1 += x1 * wa; e1 += x1 * wb;
-        a2 += x2 * wa; e2 += x2 * wb;
-        a3 += x3 * wa; e3 += x3 * wb;
+
+/* The micro-kernel: for MR rows m (row pointers a[m]; a short block repeats a row),
+ * c[2m] += sum_k a[m][k*ak] * B[k*bk + 0..7] and c[2m+1] += ... * B[k*bk + jb .. jb+7]:
+ * 2 MR accumulators in registers, each B row segment loaded once for the MR rows. */
+#define MICRO_KERNEL(MR)                                                                   \
+    static inline void mk##MR(int kn, const float *const *a, ptrdiff_t ak, const float *B,  \
+                              ptrdiff_t bk, int jb, v8 *c) {                                \
+        v8 c0[MR], c1[MR];                                                                  \
+        const float *ap[MR];                                                                \
+        for (int m = 0; m < MR; m++) {                                                      \
+            c0[m] = c[2 * m];                                                               \
+            c1[m] = c[2 * m + 1];                                                           \
+            ap[m] = a[m];                                                                   \
+        }                                                                                   \
+        for (int k = 0; k < kn; k++) {                                                      \
+            const float *b = B + (ptrdiff_t)k * bk;                                         \
+            v8 b0 = LD(b), b1 = LD(b + jb);                                                 \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) {                          \
+                v8 x = bc(ap[m][(ptrdiff_t)k * ak]);                                        \
+                c0[m] += x * b0;                                                            \
+                c1[m] += x * b1;                                                            \
+            }                                                                               \
+        }                                                                                   \
+        for (int m = 0; m < MR; m++) {                                                      \
+            c[2 * m] = c0[m];                                                               \
+            c[2 * m + 1] = c1[m];                                                           \
+        }                                                                                   \
     }
-    if (relu) {
-        a0 = relu8(a0); a1 = relu8(a1); a2 = relu8(a2); a3 = relu8(a3);
-        e0 = relu8(e0); e1 = relu8(e1); e2 = relu8(e2); e3 = relu8(e3);
-    }
-    v8 as[4] = {a0, a1, a2, a3}, es[4] = {e0, e1, e2, e3};
-    for (int r = 0; r < nr; r++) {
-        float *o = out + (size_t)(r0 + r) * O;
-        ST(o + ja, as[r]);
-        ST(o + jb, es[r]);
-    }
+MICRO_KERNEL(6)
+MICRO_KERNEL(4)
+
+/* Row blocks: 6 rows while more than 4 remain, else 4 (a short block repeats its last row). */
+static inline int block_rows(int left) { return left > 4 ? 6 : 4; }
+
+static inline void kernel(int mr, int kn, const float *const *a, ptrdiff_t ak, const float *B,
+                          ptrdiff_t bk, int jb, v8 *c) {
+    if (mr == 6)
+        mk6(kn, a, ak, B, bk, jb, c);
+    else
+        mk4(kn, a, ak, B, bk, jb, c);
 }
+
+/* Column strips of 16 (two vectors at ja and ja + jb); the last strip ends at column O and
+ * may overlap the one before (jb < 8): overlapping columns get the same sums in the same
+ * order. Returns the number of strips; strip s is (ja[s], jb[s], first new column lo[s]). */
+static int strips(int O, int *ja, int *jb, int *lo) {
+    int s = 0;
+    for (int j = 0; j < O; j += 16, s++) {
+        lo[s] = j;
+        if (j + 16 <= O) {
+            ja[s] = j;
+            jb[s] = 8;
+        } else {
+            ja[s] = O >= 16 ? O - 16 : 0;
+            jb[s] = O - 8 - ja[s];
+        }
+    }
+    return s;
+}
+
+#define MAX_STRIPS 4096 /* widths up to 65,536 */
+#define FUSED_MAX_N 8
 
 /* out (n x O) = h (n x I) W (I x O) + bias, then ReLU when `relu`. */
 static void linear_fwd(int n, int I, int O, const float *h, const float *W, const float *bias,
@@ -84,14 +116,28 @@ static void linear_fwd(int n, int I, int O, const float *h, const float *W, cons
             }
         return;
     }
-    /* Strips of 16 columns; the last strip ends at column O, overlapping the one before. */
-    for (int j = 0; j < O; j += 16) {
-        int ja = j, jb = j + 8;
-        if (j + 16 > O) {
-            ja = O >= 16 ? O - 16 : 0;
-            jb = O - 8;
+    int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS];
+    int ns = strips(O, ja, jb, lo);
+    for (int s = 0; s < ns; s++) {
+        v8 b0 = bias ? LD(bias + ja[s]) : bc(0.0f);
+        v8 b1 = bias ? LD(bias + ja[s] + jb[s]) : bc(0.0f);
+        for (int r0 = 0; r0 < n;) {
+            int mr = block_rows(n - r0), nr = n - r0 < mr ? n - r0 : mr;
+            const float *a[6];
+            v8 c[12];
+            for (int m = 0; m < mr; m++) {
+                a[m] = h + (size_t)(r0 + (m < nr ? m : nr - 1)) * I;
+                c[2 * m] = b0;
+                c[2 * m + 1] = b1;
+            }
+            kernel(mr, I, a, 1, W + ja[s], O, jb[s], c);
+            for (int m = 0; m < nr; m++) {
+                float *o = out + (size_t)(r0 + m) * O + ja[s];
+                ST(o, relu ? relu8(c[2 * m]) : c[2 * m]);
+                ST(o + jb[s], relu ? relu8(c[2 * m + 1]) : c[2 * m + 1]);
+            }
+            r0 += nr;
         }
-        for (int r0 = 0; r0 < n; r0 += 4) fwd_block(n, I, O, h, W, bias, out, relu, r0, ja, jb);
     }
 }
 
@@ -119,14 +165,102 @@ static inline void update_row(int len, float *p, float *v, const float *gr, floa
     }
 }
 
-/* The backward pass and update of one layer. h (n x I): its input; g (n x O): the loss's
+/* dx (n x I) = g (n x O) W^T where the layer's input h > 0, else 0 (ReLU's backward), with
+ * the weights before the update: 4 rows of g against 3 rows of W, 12 accumulators. */
+static void linear_dx(int n, int I, int O, const float *h, const float *g, const float *W,
+                      float *dx) {
+    int O8 = O - O % 8;
+    for (int r0 = 0; r0 < n; r0 += 4) {
+        int nr = n - r0 < 4 ? n - r0 : 4;
+        const float *gr[4];
+        for (int q = 0; q < 4; q++) gr[q] = g + (size_t)(r0 + (q < nr ? q : nr - 1)) * O;
+        for (int i0 = 0; i0 < I; i0 += 3) {
+            int ni = I - i0 < 3 ? I - i0 : 3;
+            const float *wr[3];
+            for (int q = 0; q < 3; q++) wr[q] = W + (size_t)(i0 + (q < ni ? q : ni - 1)) * O;
+            v8 z = bc(0.0f);
+            v8 d00 = z, d01 = z, d02 = z, d10 = z, d11 = z, d12 = z;
+            v8 d20 = z, d21 = z, d22 = z, d30 = z, d31 = z, d32 = z;
+            for (int j = 0; j < O8; j += 8) {
+                v8 w0 = LD(wr[0] + j), w1 = LD(wr[1] + j), w2 = LD(wr[2] + j);
+                v8 q0 = LD(gr[0] + j), q1 = LD(gr[1] + j), q2 = LD(gr[2] + j), q3 = LD(gr[3] + j);
+                d00 += q0 * w0; d01 += q0 * w1; d02 += q0 * w2;
+                d10 += q1 * w0; d11 += q1 * w1; d12 += q1 * w2;
+                d20 += q2 * w0; d21 += q2 * w1; d22 += q2 * w2;
+                d30 += q3 * w0; d31 += q3 * w1; d32 += q3 * w2;
+            }
+            float s[4][3] = {{hsum(d00), hsum(d01), hsum(d02)}, {hsum(d10), hsum(d11), hsum(d12)},
+                             {hsum(d20), hsum(d21), hsum(d22)}, {hsum(d30), hsum(d31), hsum(d32)}};
+            for (int j = O8; j < O; j++)
+                for (int r = 0; r < 4; r++)
+                    for (int q = 0; q < 3; q++) s[r][q] += gr[r][j] * wr[q][j];
+            for (int r = 0; r < nr; r++)
+                for (int q = 0; q < ni; q++) {
+                    size_t at = (size_t)(r0 + r) * I + i0 + q;
+                    dx[at] = h[at] > 0.0f ? s[r][q] : 0.0f;
+                }
+        }
+    }
+}
+
+/* The weight gradient h^T g of one layer (I x O), applied as it is computed: each block of
+ * 6 (or 4) rows x 16 columns is summed over the n rows of h and g in registers, then its
+ * parameters take their step (grad + wd W, momentum, update). Then the bias. gb: O floats. */
+static void linear_update(int n, int I, int O, const float *h, const float *g, float *W,
+                          float *V, float *bias, float *vb, float lr, float m, float wd,
+                          float *gb) {
+    if (O < 8) {
+        for (int i = 0; i < I; i++) {
+            for (int j = 0; j < O; j++) {
+                float a = 0.0f;
+                for (int r = 0; r < n; r++) a += h[(size_t)r * I + i] * g[(size_t)r * O + j];
+                gb[j] = a;
+            }
+            update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
+        }
+    } else {
+        int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS];
+        int ns = strips(O, ja, jb, lo);
+        for (int s = 0; s < ns; s++) {
+            int hi = ja[s] + jb[s] + 8; /* this strip's columns: [lo, hi) are new */
+            for (int i0 = 0; i0 < I;) {
+                int mr = block_rows(I - i0), ni = I - i0 < mr ? I - i0 : mr;
+                const float *a[6];
+                v8 c[12];
+                for (int q = 0; q < mr; q++) {
+                    a[q] = h + i0 + (q < ni ? q : ni - 1); /* column i of h: stride I */
+                    c[2 * q] = c[2 * q + 1] = bc(0.0f);
+                }
+                kernel(mr, n, a, I, g + ja[s], O, jb[s], c);
+                for (int q = 0; q < ni; q++) {
+                    float blk[16];
+                    ST(blk, c[2 * q]);
+                    ST(blk + jb[s], c[2 * q + 1]);
+                    size_t row = (size_t)(i0 + q) * O;
+                    update_row(hi - lo[s], W + row + lo[s], V ? V + row + lo[s] : NULL,
+                               blk + (lo[s] - ja[s]), lr, m, wd);
+                }
+                i0 += ni;
+            }
+        }
+    }
+    if (bias) {
+        for (int j = 0; j < O; j++) gb[j] = 0.0f;
+        for (int r = 0; r < n; r++)
+            for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
+        update_row(O, bias, vb, gb, lr, m, wd);
+    }
+}
+
+/* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
+ * over W. h (n x I): its input; g (n x O): the loss's
  * gradient at its output. When dx is given: dx (n x I) = g W^T where h > 0, else 0, with
  * the weights before the update. Then W (I x O) and bias (O) take one step (heavy ball with
  * L2; V, vb NULL: plain SGD). row: O floats of scratch. Each row of W is read once from
  * memory: its input gradient, weight gradient and update are computed while it is in L1
  * (rows of h and g in blocks of 4; the weight gradient is carried between blocks in `row`
  * and the update is made in the last block). */
-static void linear_bwd_update(int n, int I, int O, const float *h, const float *g, float *W,
+static void linear_bwd_fused(int n, int I, int O, const float *h, const float *g, float *W,
                               float *V, float *bias, float *vb, float *dx, float lr, float m,
                               float wd, float *row) {
     int O8 = O - O % 8;
@@ -198,95 +332,74 @@ static void linear_bwd_update(int n, int I, int O, const float *h, const float *
     }
 }
 
-/* Workspace floats one member needs: every hidden layer's output and the probabilities. */
-static size_t member_ws(int n, int L, const int64_t *dims) {
-    size_t s = 0;
-    for (int l = 1; l <= L; l++) s += (size_t)n * dims[l];
-    return s;
+static int widest(int L, const int64_t *dims) {
+    int w = 0;
+    for (int l = 0; l <= L; l++) w = dims[l] > w ? (int)dims[l] : w;
+    return w;
 }
 
-/* Forward: each member's mean cross-entropy into losses (K). dims: L + 1 layer widths.
- * ws: K * member_ws + scratch (see sgdn_mlp_ws_floats). */
-void sgdn_mlp_forward(int K, int n, int L, const int64_t *dims, float *const *W,
-                      float *const *b, const float *x, const int64_t *y, float *ws,
-                      float *losses) {
-    size_t per = member_ws(n, L, dims);
-    int C = (int)dims[L];
+/* Floats of workspace sgdn_mlp_step needs for members of n rows: one member's activations
+ * (every layer's output), two gradient buffers and a row of scratch. */
+int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
+    int64_t s = 0;
+    for (int l = 1; l <= L; l++) s += (int64_t)n * dims[l];
+    return s + 2 * (int64_t)n * widest(L, dims) + widest(L, dims);
+}
+
+/* One step of every member k: forward on its rows x[k] (n x I_0) with labels y[k], its
+ * mean cross-entropy into losses[k], backward, and the update with learning rate lrs[k]
+ * (momentum buffers V, vb when m != 0). dims: the L + 1 layer widths. */
+void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
+                   float *const *V, float *const *vb, const float *x, const int64_t *y,
+                   float *ws, const float *lrs, float m, float wd, float *losses) {
+    int C = (int)dims[L], wide = widest(L, dims);
+    const float *ins[64]; /* each layer's input: x, then the hidden outputs */
+    float *acts = ws, *at = ws;
+    for (int l = 1; l <= L; l++) at += (size_t)n * dims[l];
+    float *ga = at, *gb = ga + (size_t)n * wide, *row = gb + (size_t)n * wide;
     for (int k = 0; k < K; k++) {
-        float *mine = ws + (size_t)k * per;
-        const float *h = x + (size_t)k * n * dims[0];
+        const int64_t *yk = y + (size_t)k * n;
+        ins[0] = x + (size_t)k * n * dims[0];
+        float *out = acts;
         for (int l = 0; l < L; l++) {
             int I = (int)dims[l], O = (int)dims[l + 1];
-            const float *Wk = W[l] + (size_t)k * I * O;
             const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-            linear_fwd(n, I, O, h, Wk, bk, mine, l < L - 1);
-            h = mine;
-            mine += (size_t)n * O;
+            linear_fwd(n, I, O, ins[l], W[l] + (size_t)k * I * O, bk, out, l < L - 1);
+            ins[l + 1] = out;
+            out += (size_t)n * O;
         }
-        /* h: logits (n x C) -> probabilities in place; the loss from log-sum-exp. */
-        float *z = (float *)h;
-        float total = 0.0f;
+        /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
+        const float *z = ins[L];
+        float total = 0.0f, inv = 1.0f / (float)n;
         for (int r = 0; r < n; r++) {
-            float *zr = z + (size_t)r * C;
+            const float *zr = z + (size_t)r * C;
             float mx = zr[0];
             for (int c = 1; c < C; c++) mx = zr[c] > mx ? zr[c] : mx;
-            float s = 0.0f;
-            for (int c = 0; c < C; c++) s += expf(zr[c] - mx);
-            float lse = mx + logf(s);
-            total += lse - zr[y[(size_t)k * n + r]];
-            for (int c = 0; c < C; c++) zr[c] = expf(zr[c] - lse);
+            float sum = 0.0f;
+            for (int c = 0; c < C; c++) sum += expf(zr[c] - mx);
+            float lse = mx + logf(sum);
+            total += lse - zr[yk[r]];
+            for (int c = 0; c < C; c++)
+                ga[(size_t)r * C + c] = (expf(zr[c] - lse) - (c == yk[r] ? 1.0f : 0.0f)) * inv;
         }
         losses[k] = total / (float)n;
-    }
-}
-
-/* Backward and update after sgdn_mlp_forward on the same x, y, ws: member k's parameters
- * W, b (and momentum buffers V, vb when m != 0) take one step with learning rate lrs[k]. */
-void sgdn_mlp_backward_update(int K, int n, int L, const int64_t *dims, float *const *W,
-                              float *const *b, float *const *V, float *const *vb,
-                              const float *x, const int64_t *y, float *ws, const float *lrs,
-                              float m, float wd) {
-    size_t per = member_ws(n, L, dims);
-    int widest = 0;
-    for (int l = 0; l <= L; l++) widest = dims[l] > widest ? (int)dims[l] : widest;
-    float *scratch = ws + (size_t)K * per;
-    float *ga = scratch, *gb = ga + (size_t)n * widest, *row = gb + (size_t)n * widest;
-    int C = (int)dims[L];
-    for (int k = 0; k < K; k++) {
-        float *mine = ws + (size_t)k * per;
-        /* Inputs of each layer: x, then the hidden outputs in order; probabilities last. */
-        const float *ins[64];
-        ins[0] = x + (size_t)k * n * dims[0];
-        float *at = mine;
-        for (int l = 1; l < L; l++) {
-            ins[l] = at;
-            at += (size_t)n * dims[l];
-        }
-        const float *p = at;
-        float inv = 1.0f / (float)n;
-        for (int r = 0; r < n; r++)
-            for (int c = 0; c < C; c++)
-                ga[(size_t)r * C + c] =
-                    (p[(size_t)r * C + c] - (c == y[(size_t)k * n + r] ? 1.0f : 0.0f)) * inv;
         float *g = ga, *spare = gb;
         for (int l = L - 1; l >= 0; l--) {
             int I = (int)dims[l], O = (int)dims[l + 1];
             size_t wo = (size_t)k * I * O;
-            float *Vk = m != 0.0f ? V[l] + wo : NULL;
             float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+            float *Vk = m != 0.0f ? V[l] + wo : NULL;
             float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
-            linear_bwd_update(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
-                              lrs[k], m, wd, row);
+            if (n <= FUSED_MAX_N) {
+                linear_bwd_fused(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
+                                 lrs[k], m, wd, row);
+            } else {
+                if (l > 0) linear_dx(n, I, O, ins[l], g, W[l] + wo, spare);
+                linear_update(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, lrs[k], m, wd, row);
+            }
             float *t = g;
             g = spare;
             spare = t;
         }
     }
-}
-
-/* Floats of workspace the two calls need for K members of n rows. */
-int64_t sgdn_mlp_ws_floats(int K, int n, int L, const int64_t *dims) {
-    int widest = 0;
-    for (int l = 0; l <= L; l++) widest = dims[l] > widest ? (int)dims[l] : widest;
-    return (int64_t)K * (int64_t)member_ws(n, L, dims) + 2 * (int64_t)n * widest + widest;
 }
