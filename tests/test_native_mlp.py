@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from sgdnoise import native
 from sgdnoise.config import from_dict
 from sgdnoise.models import native_mlp
 from sgdnoise.models.build import build_model
@@ -126,27 +127,40 @@ def test_a_diverging_member_turns_non_finite_and_the_others_do_not() -> None:
     assert torch.isfinite(losses[0]) and not torch.isfinite(losses[1])
 
 
-def test_disabled_or_without_a_compiler_packs_take_the_torch_path(
+def test_disabled_or_without_a_compiler_the_python_paths_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(native_mlp, "_lib", None)
+    monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setenv("SGDNOISE_NATIVE", "0")
-    assert native_mlp.library() is None
-    # No compiler, an empty cache: one line says why, the pack still trains through torch.
+    assert native_mlp.library() is None and native.library("nqm") is None
+    # No compiler, an empty cache: one line per kernel says why, and both Python paths run.
     script = (
-        "from sgdnoise.models import native_mlp\n"
-        "assert native_mlp.library() is None\n"
-        "assert native_mlp.library() is None\n"
+        "import contextlib, torch\n"
+        "from sgdnoise import native\n"
+        "from sgdnoise.config import from_dict\n"
+        "from sgdnoise.models.build import build_model\n"
+        "from sgdnoise.nets import StackedNet\n"
+        "from sgdnoise.theory.nqm import NQMConfig, run\n"
+        "m = build_model(from_dict({}).model, (40,), 10)\n"
+        "net = StackedNet(m, [m.state_dict()] * 2, [None] * 2, 0.9, 5e-4, 'classification',"
+        " 64, native=True)\n"
+        "print(net.kernel, net.kernel)\n"
+        "print(run(NQMConfig(dim=100), batch_size=4, lr_eff=0.5, n_steps=50)['final_loss'])\n"
+        "print(native.library('mlp_step') is None, native.library('nqm') is None)\n"
     )
     env = {"PATH": "/usr/bin:/bin", "CC": str(tmp_path / "no-such-cc"),
            "SGDNOISE_CACHE": str(tmp_path / "cache")}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True)  # fmt: skip
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "could not be built" in lines[0], out.stderr
-    assert not any((tmp_path / "cache").glob("*.so"))
-    # A clean build into an empty cache: one library, nothing half-written beside it.
+    assert len(lines) == 2 and all("could not be built" in line for line in lines), out.stderr
+    kernel, final_loss, missing = out.stdout.splitlines()
+    assert kernel == "torch torch" and float(final_loss) > 0 and missing == "True True"
+    assert not (tmp_path / "cache").exists()  # nothing half-written
+    # A build into an empty cache: one library per kernel, nothing else beside them.
     env["CC"] = "cc"
-    subprocess.run([sys.executable, "-c", script.replace("is None", "is not None")], env=env,
-                   check=True)  # fmt: skip
-    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.splitlines()[0] == "native native" and not out.stderr
+    built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert built == ["mlp_step", "nqm"]

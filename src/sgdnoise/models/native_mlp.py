@@ -1,4 +1,4 @@
-"""A packed plain MLP's whole training step in a small C kernel (models/native/mlp_step.c).
+"""A packed plain MLP's whole training step in a small C kernel (sgdnoise/native/mlp_step.c).
 
 At B = 4 … 32 a member's step of the default MLP is a few matrix products with 4 to 32 rows:
 torch's batched kernels run those at about a quarter of the CPU's peak, and the gradient,
@@ -14,88 +14,30 @@ with its unpacked run to float rounding amplified by training, within the tolera
 tests/test_pack.py states for every packed run (tests/test_native_mlp.py checks it against
 the torch path as well).
 
-It is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for the CPU it
-runs on, into a cache keyed by the source and the compiler (`$SGDNOISE_CACHE`, else
-~/.cache/sgdnoise). With no compiler, or with SGDNOISE_NATIVE=0, packs take the torch path;
-each run records which one trained it (the param `derived.step_kernel`).
+It is compiled on first use (sgdnoise.native). With no C compiler, or with
+SGDNOISE_NATIVE=0, packs take the torch path; each run records which one trained it (the
+param `derived.step_kernel`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from sgdnoise import native
 from sgdnoise.models.packed import PackedLinear
 
-SOURCE = Path(__file__).parent / "native" / "mlp_step.c"
-FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared"]
 MAX_LAYERS = 63  # the kernel keeps each layer's input pointer in a fixed array
-
-_lib: Any = None  # the loaded library, False once it failed
-
-
-def enabled() -> bool:
-    return os.environ.get("SGDNOISE_NATIVE", "1") != "0"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("SGDNOISE_CACHE"):
-        return Path(os.environ["SGDNOISE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sgdnoise"
-
-
-def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
-
-
-def _build() -> Path:
-    """The compiled library for this source, compiler and CPU (built once, then cached)."""
-    cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
-    key = hashlib.sha256(
-        SOURCE.read_bytes()
-        + " ".join([cc, *FLAGS, version.stdout, platform.machine(), platform.node()]).encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / f"mlp_step-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: workers that start together each build their
-        # own copy, and none ever loads a half-written file.
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True,
-                       capture_output=True, text=True)  # fmt: skip
-        os.replace(tmp, out)
-    return out
 
 
 def library() -> Any:
-    """The kernel's ctypes library, or None (disabled, or it could not be built: one line
-    on stderr says why, once per process)."""
-    global _lib
-    if _lib is None:
-        if not enabled():
-            _lib = False
-        else:
-            try:
-                lib = ctypes.CDLL(str(_build()))
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", None) or str(e)
-                print(f"sgdnoise: the native MLP step could not be built ({detail.strip()[:200]}); "
-                      "packed MLPs train through torch", file=sys.stderr)  # fmt: skip
-                _lib = False
-            else:
-                _declare(lib)
-                _lib = lib
-    return _lib or None
+    """The kernel's ctypes library with its signatures declared, or None (sgdnoise.native)."""
+    lib = native.library("mlp_step")
+    if lib is not None:
+        _declare(lib)
+    return lib
 
 
 def _declare(lib: Any) -> None:

@@ -36,8 +36,10 @@ NaN, never a floating-point warning), and :func:`run` flags ``diverged``.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -150,6 +152,10 @@ def expected_loss(
     curve[0] = float(half_h @ p)
     if stop_at is not None and curve[0] <= stop_at:
         return curve[:1]
+    lib = _kernel()
+    if lib is not None:
+        k = _native_loop(lib, p, h, s, half_h, lrs_arr, momentum, record_every, curve, stop_at)
+        return curve[: k + 1]
     # Python floats: indexing a list is much cheaper than indexing a numpy array in the loop.
     alphas = lrs_arr.tolist()
     with np.errstate(over="ignore", invalid="ignore"):
@@ -158,6 +164,43 @@ def expected_loss(
         else:
             k = _momentum_loop(p, h, s, half_h, alphas, momentum, record_every, curve, stop_at)
     return curve[: k + 1]
+
+
+def _kernel() -> Any:
+    """The C recursion (sgdnoise/native/nqm.c), or None: numpy's loops below."""
+    from sgdnoise import native
+
+    lib = native.library("nqm")
+    if lib is not None:
+        ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+        lib.sgdn_nqm_sgd.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i32,
+                                     f64, ptr, ptr]  # fmt: skip
+        lib.sgdn_nqm_momentum.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, f64,
+                                          i64, ptr, i64, i32, f64]  # fmt: skip
+        lib.sgdn_nqm_sgd.restype = lib.sgdn_nqm_momentum.restype = i64
+    return lib
+
+
+def _native_loop(lib, p, h, s, half_h, alphas, beta, record_every, curve, stop_at) -> int:
+    """The loops below in one C call: the same elementwise operations in the same order, so
+    the same moments; the recorded loss sums in another order than numpy's dot product."""
+    d, n_steps, slots = len(h), len(alphas), len(curve)
+    h, s, half_h = (np.ascontiguousarray(a, dtype=np.float64) for a in (h, s, half_h))
+    alphas = np.ascontiguousarray(alphas, dtype=np.float64)
+    stop = (1, float(stop_at)) if stop_at is not None else (0, 0.0)
+
+    def ptr(a: np.ndarray) -> int:
+        return a.ctypes.data
+
+    if beta == 0.0:
+        scratch = np.empty(2 * d)
+        return int(lib.sgdn_nqm_sgd(d, ptr(p), ptr(h), ptr(s), ptr(half_h), ptr(alphas),
+                                    n_steps, record_every, ptr(curve), slots, *stop,
+                                    ptr(scratch), ptr(scratch[d:])))  # fmt: skip
+    q, r = np.zeros(d), np.zeros(d)  # v_0 = 0: E[θv] = E[v²] = 0
+    return int(lib.sgdn_nqm_momentum(d, ptr(p), ptr(q), ptr(r), ptr(h), ptr(s), ptr(half_h),
+                                     ptr(alphas), n_steps, beta, record_every, ptr(curve),
+                                     slots, *stop))  # fmt: skip
 
 
 def _record(curve: np.ndarray, k: int, loss: float, stop_at: float | None) -> bool:

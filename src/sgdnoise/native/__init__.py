@@ -1,0 +1,85 @@
+"""Small C kernels for the study's hot loops, compiled on first use.
+
+Two loops are too fine-grained for torch or numpy to run near the CPU's limits: the packed
+MLP step at the small batch sizes of the noise-dominated regime (mlp_step.c, used by
+sgdnoise.models.native_mlp) and the exact NQM recursion, 8,000 steps of a few passes over
+10⁴ dimensions (nqm.c, used by sgdnoise.theory.nqm). Each kernel computes what its Python
+path computes; the tests hold them to each other.
+
+A kernel is compiled with the machine's C compiler (`$CC`, else `cc`) for the CPU it runs on,
+into a cache keyed by the source, the compiler and the machine (`$SGDNOISE_CACHE`, else
+~/.cache/sgdnoise), once; later processes load the cached library. With no compiler, or
+with SGDNOISE_NATIVE=0, `library` returns None and the callers take their Python paths
+(one line on stderr says why, once per process and kernel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared"]
+# The MLP kernel's products are fused multiply-adds; in the NQM kernel a*b + c rounds twice,
+# as numpy's separate operations do, so it gives numpy's bits.
+CONTRACT = {"mlp_step": "-ffp-contract=fast", "nqm": "-ffp-contract=off"}
+
+_libs: dict[str, Any] = {}  # name -> loaded library, or False once it failed
+
+
+def enabled() -> bool:
+    return os.environ.get("SGDNOISE_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SGDNOISE_CACHE"):
+        return Path(os.environ["SGDNOISE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sgdnoise"
+
+
+def _build(name: str) -> Path:
+    """The compiled library of HERE/<name>.c for this compiler and CPU (built once, cached)."""
+    cc = os.environ.get("CC") or "cc"
+    source = HERE / f"{name}.c"
+    flags = [*FLAGS, CONTRACT[name]]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
+    key = hashlib.sha256(
+        source.read_bytes()
+        + " ".join([cc, *flags, version.stdout, platform.machine(), platform.node()]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: processes that start together each build their
+        # own copy, and none ever loads a half-written file.
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            subprocess.run([cc, *flags, "-o", str(tmp), str(source), "-lm"], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def library(name: str) -> Any:
+    """The ctypes library of kernel `name`, or None (disabled, or it could not be built)."""
+    if name not in _libs:
+        if not enabled():
+            _libs[name] = False
+        else:
+            try:
+                _libs[name] = ctypes.CDLL(str(_build(name)))
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = (getattr(e, "stderr", None) or str(e)).strip().replace("\n", " ")
+                print(f"sgdnoise: the native {name} kernel could not be built ({detail[:200]}); "
+                      "using the Python path", file=sys.stderr)  # fmt: skip
+                _libs[name] = False
+    return _libs[name] or None
