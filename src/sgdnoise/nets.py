@@ -12,8 +12,8 @@ kind resumes the other's checkpoints), and dropping members that finished.
 - `StackedNet` holds K members in one packed module (sgdnoise.models.packed): one forward,
   backward and `StackedSGD` step for all of them, each member's examples side by side. A
   pack of plain MLPs trained in fp32 steps without autograd: on the CPU at small batch sizes
-  through the C kernel of sgdnoise.models.native_mlp (forward, backward and update in two
-  calls), else through sgdnoise.models.packed_mlp (the same torch kernels in the same order
+  through the C kernel of sgdnoise.models.native_mlp (forward, backward and update of every
+  member in one call), else through sgdnoise.models.packed_mlp (the same torch kernels in the same order
   as autograd, without autograd's fixed costs). `StackedNet.kernel` names the path.
 """
 
