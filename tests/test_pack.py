@@ -23,6 +23,7 @@ from sgdnoise.config import Config, from_dict, with_values
 from sgdnoise.models import native_mlp
 from sgdnoise.pack import (
     MAX_PACK,
+    NATIVE_MAX_PACK,
     StackedModel,
     default_pack_size,
     forward_flops,
@@ -225,8 +226,15 @@ def test_pack_keys_and_default_sizes() -> None:
                                         "model.width": width})  # fmt: skip
         return default_pack_size(cfg, forward_flops(cfg, (40,), 10))
 
-    # Small models and batches pack many runs; an arithmetic-bound step packs none.
-    assert size(16, 32) == size(16, 256) == MAX_PACK["cpu"]
+    # Small models and batches pack many runs; an arithmetic-bound step packs none. Plain
+    # MLPs that step through the C kernel (B <= 32 on the CPU) pack fewer: their weights
+    # stay in the caches.
+    native = native_mlp.library() is not None
+    assert size(16, 32) == size(16, 256) == (NATIVE_MAX_PACK if native else MAX_PACK["cpu"])
+    assert size(16, 32) < MAX_PACK["cpu"] or not native
+    (ghost,) = configs([(0.1, 0)], **{"train.device": "cpu", "train.batch_size": 16,
+                                      "model.norm": "ghost", "model.width": 32})  # fmt: skip
+    assert default_pack_size(ghost, forward_flops(ghost, (40,), 10)) == MAX_PACK["cpu"]
     assert 1 < size(4096, 32) < size(16, 32)  # the pack's own step stays cheap
     assert size(64, 256) == 8 and size(128, 256) == 4  # the default MLP, as measured
     assert size(256, 256) == 1 and size(8192, 32) == 1  # a member's step is arithmetic-bound

@@ -160,7 +160,7 @@ class StackedNet:
         self.stack = StackedModel(template, states)
         layers = mlp_layers(self.stack.module) if fp32 and task == "classification" else None
         self.by_hand = PackedMLPStep(layers) if layers else None
-        lib = native_mlp.library() if layers and native else None
+        lib = native_mlp.library() if layers and native and native_mlp.fits(layers) else None
         self.native = native_mlp.NativeMLPStep(lib, layers) if lib and layers else None
         self.kernel = "native" if self.native else "torch" if self.by_hand else "autograd"
         self.optimizer = StackedSGD(self.stack.params, momentum, weight_decay)

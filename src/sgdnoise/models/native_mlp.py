@@ -29,7 +29,13 @@ import torch
 from sgdnoise import native
 from sgdnoise.models.packed import PackedLinear
 
-MAX_LAYERS = 63  # the kernel keeps each layer's input pointer in a fixed array
+# The kernel keeps each layer's input pointer and a layer's column strips in fixed arrays.
+MAX_LAYERS, MAX_WIDTH = 63, 65_536
+
+
+def fits(layers: list[PackedLinear]) -> bool:
+    """Whether the kernel takes this MLP (else the pack keeps the torch path)."""
+    return len(layers) <= MAX_LAYERS and max(layer.weight.shape[2] for layer in layers) <= MAX_WIDTH
 
 
 def library() -> Any:
@@ -58,8 +64,8 @@ class NativeMLPStep:
     whose Linear layers are `layers`, on the CPU in fp32."""
 
     def __init__(self, lib: Any, layers: list[PackedLinear]):
-        if len(layers) > MAX_LAYERS:
-            raise ValueError(f"at most {MAX_LAYERS} layers")
+        if not fits(layers):
+            raise ValueError(f"at most {MAX_LAYERS} layers of at most {MAX_WIDTH} units")
         self.lib, self.layers = lib, layers
         dims = [layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in layers]
         self._dims = (ctypes.c_int64 * len(dims))(*dims)
