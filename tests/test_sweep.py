@@ -312,10 +312,15 @@ def test_kill9_of_a_worker_training_a_pack_then_restart_runs_every_point_once(
     assert "pack of 3" in out
 
     out = ok(cli(root, "sweep", "packed"))
-    assert out.count("is dead; point queued again") == 2 and "pack of 2" in out, out
+    requeued = out.count("is dead; point queued again")
+    # The kill can land between the diverged member's MLflow run finishing and its trial
+    # being told to Optuna (seen under load): that point is then queued too, and its
+    # finished run adopted instead of trained again.
+    assert requeued == 2 or (requeued == 3 and "adopted finished run" in out), out
+    assert "pack of 2" in out, out
     trials, children = check_exactly_once(root, "packed")
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert len(failed) == 2 and len(trials) == 5
+    assert len(failed) == requeued and len(trials) == 3 + requeued
     assert {r["run_id"] for r in children if r["status"] == "KILLED"} == victims
     done = [t for t in trials if t.state.name == "COMPLETE"]
     assert sorted(t.user_attrs["status"] for t in done) == ["diverged", "finished", "finished"]
