@@ -5,6 +5,7 @@
     python benchmarks/member_step.py --kernel torch           # packs: the torch path
     python benchmarks/member_step.py --compare                # torch path / autograd
     python benchmarks/member_step.py --compare-native         # C kernel / torch path
+    python benchmarks/member_step.py --kernel-only            # the C kernel's call alone
 
 The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the training step only
 (batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import time
 
 import study_efficiency
@@ -35,6 +37,7 @@ from sgdnoise.optim import make_optimizer
 from sgdnoise.pack import NATIVE_MAX_BATCH
 
 N = 8000
+PARAMS = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10  # the default MLP
 
 
 def timed(step, n: int) -> float:
@@ -82,6 +85,38 @@ def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, kernel: str):
     return step
 
 
+def kernel_only(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> float:
+    """Seconds per member-step of the C kernel's call alone, on one fixed batch."""
+    cfg = from_dict({})
+    template = build_model(cfg.model, (40,), 10)
+    states = [build_model(cfg.model, (40,), 10).state_dict() for _ in range(K)]
+    net = StackedNet(template, states, [None] * K, 0.9, 5e-4, "classification", 2048,
+                     native=True)  # fmt: skip
+    if net.native is None:
+        raise SystemExit("the C kernel could not be built here")
+    idx = torch.randint(0, N, (K * B,))
+    x, y, lrs, losses = X[idx], Y[idx], [1e-3] * K, torch.empty(K)  # alive while timed
+    net.losses(x, y, contextlib.nullcontext)
+    net.step(lrs)  # momentum buffers, pointer arrays, workspace
+    nat, opt = net.native, net.optimizer
+    buffers = {id(p): b for p, b in zip(opt.params, opt.momentum_buffers, strict=True)}
+    args = (
+        K,
+        B,
+        nat.L,
+        nat._dims,
+        *nat._params(buffers),
+        x.data_ptr(),
+        y.data_ptr(),
+        nat._ws.data_ptr(),
+        (ctypes.c_float * K)(*lrs),
+        0.9,
+        5e-4,
+        losses.data_ptr(),
+    )
+    return timed(lambda: nat.lib.sgdn_mlp_step(*args), n) / K
+
+
 def packed(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int, kernel: str) -> float:
     return timed(packed_step(B, K, X, Y, kernel), n) / K
 
@@ -101,6 +136,8 @@ def main() -> None:
     ap.add_argument("--packs", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--kernel", choices=["auto", "native", "torch", "autograd"], default="auto",
                     help="what packs step through (auto: as a sweep picks)")  # fmt: skip
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="packs: the C kernel's call alone, without gather and Python")  # fmt: skip
     ap.add_argument("--compare", action="store_true",
                     help="packs: step time through the torch path / autograd")  # fmt: skip
     ap.add_argument("--compare-native", action="store_true",
@@ -110,6 +147,16 @@ def main() -> None:
     torch.set_num_threads(1)
     peak = study_efficiency.gemm_peak()
     X, Y = torch.randn(N, 40), torch.randint(0, 10, (N,))
+    if args.kernel_only:
+        print(f"the C kernel's call alone, one batch (its weights stay cached): µs per "
+              f"member-step (x its FLOPs at peak, {peak / 1e9:.0f} GFLOP/s)")  # fmt: skip
+        print(f"{'B':>5} " + " ".join(f"{'K=' + str(k):>16}" for k in args.packs))
+        for B in args.batch_sizes:
+            at_peak = 6 * PARAMS * B / peak
+            cells = [kernel_only(B, k, X, Y, max(50, 20_000 // B) // 4) for k in args.packs]
+            print(f"{B:>5} " + " ".join(f"{t * 1e6:>8.0f} ({t / at_peak:>4.1f}x)" for t in cells),
+                  flush=True)  # fmt: skip
+        return
     if args.compare or args.compare_native:
         kernels = ("native", "torch") if args.compare_native else ("torch", "autograd")
         print(f"packed step time, {kernels[0]} / {kernels[1]} (median of 5 interleaved rounds)")
@@ -119,13 +166,12 @@ def main() -> None:
             cells = [compare(B, k, X, Y, n, kernels) for k in args.packs]
             print(f"{B:>5} " + " ".join(f"{r:>6.2f}" for r in cells), flush=True)
         return
-    params = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     print(f"fp32 GEMM peak, one thread: {peak / 1e9:.0f} GFLOP/s; µs per member-step "
           f"(x its FLOPs at peak)")  # fmt: skip
     print(f"{'B':>5} {'unpacked':>16} " + " ".join(f"{'K=' + str(k):>16}" for k in args.packs))
     for B in args.batch_sizes:
         n = max(50, 20_000 // B)
-        at_peak = 6 * params * B / peak
+        at_peak = 6 * PARAMS * B / peak
         cells = [unpacked(B, X, Y, n)] + [
             packed(B, k, X, Y, n // 4, args.kernel) for k in args.packs
         ]

@@ -107,6 +107,8 @@ class NativeMLPStep:
         """Forward, backward and update of every member on the batch given to `losses`;
         `buffers`: momentum buffer by id of its parameter (empty for plain SGD)."""
         K = len(lrs)
+        if self._losses.numel() != K or len(self._y) == 0 or len(self._y) % K:
+            raise RuntimeError("step() needs the batch of a losses() call for its K members")
         n = len(self._y) // K
         need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
         if self._ws.numel() < need:
