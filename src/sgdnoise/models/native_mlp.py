@@ -6,7 +6,8 @@ momentum and update then stream every weight through memory three more times. Th
 runs a member's forward pass, backward pass and update back to back while its weights are
 in the caches, multiplies with register-blocked loops, applies the weight gradient block by
 block as it is summed (never storing it), and takes the whole pack's step in one call
-instead of some thirty torch operations. `benchmarks/member_step.py --compare-native` measures it against the torch path.
+instead of some thirty torch operations. `benchmarks/member_step.py --compare-native`
+measures it against the torch path, `--kernel-only` against the CPU's peak.
 
 The kernel computes the same math as sgdnoise.models.packed_mlp (forward, cross-entropy,
 backward, heavy-ball SGD with L2) with sums in another order: a member's parameters agree
@@ -109,6 +110,8 @@ class NativeMLPStep:
         K = len(lrs)
         if self._losses.numel() != K or len(self._y) == 0 or len(self._y) % K:
             raise RuntimeError("step() needs the batch of a losses() call for its K members")
+        if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
+            raise RuntimeError("heavy ball needs every weight's momentum buffer")
         n = len(self._y) // K
         need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
         if self._ws.numel() < need:
