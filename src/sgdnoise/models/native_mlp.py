@@ -40,19 +40,8 @@ def fits(layers: list[PackedLinear]) -> bool:
 
 
 def library() -> Any:
-    """The kernel's ctypes library with its signatures declared, or None (sgdnoise.native)."""
-    lib = native.library("mlp_step")
-    if lib is not None:
-        _declare(lib)
-    return lib
-
-
-def _declare(lib: Any) -> None:
-    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
-    lib.sgdn_mlp_step.argtypes = [i, i, i, p, p, p, p, p, p, p, p, p, f, f, p]
-    lib.sgdn_mlp_step.restype = None
-    lib.sgdn_mlp_ws_floats.argtypes = [i, i, p]
-    lib.sgdn_mlp_ws_floats.restype = i64
+    """The kernel's ctypes library, or None (sgdnoise.native)."""
+    return native.library("mlp_step")
 
 
 def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:

@@ -32,6 +32,20 @@ CONTRACT = {"mlp_step": "-ffp-contract=fast", "nqm": "-ffp-contract=off"}
 
 _libs: dict[str, Any] = {}  # name -> loaded library, or False once it failed
 
+# Each kernel's exported functions: (argument types, result type), declared once at load.
+_P, _I, _I64, _F, _D = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float,
+                        ctypes.c_double)  # fmt: skip
+SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
+    "mlp_step": {
+        "sgdn_mlp_step": ([_I, _I, _I, *[_P] * 9, _F, _F, _P], None),
+        "sgdn_mlp_ws_floats": ([_I, _I, _P], _I64),
+    },
+    "nqm": {
+        "sgdn_nqm_sgd": ([_I64, *[_P] * 5, _I64, _I64, _P, _I64, _I, _D, _P, _P], _I64),
+        "sgdn_nqm_momentum": ([_I64, *[_P] * 7, _I64, _D, _I64, _P, _I64, _I, _D], _I64),
+    },
+}
+
 
 def enabled() -> bool:
     return os.environ.get("SGDNOISE_NATIVE", "1") != "0"
@@ -70,13 +84,17 @@ def _build(name: str) -> Path:
 
 
 def library(name: str) -> Any:
-    """The ctypes library of kernel `name`, or None (disabled, or it could not be built)."""
+    """The ctypes library of kernel `name` with its functions' signatures declared, or None
+    (disabled, or it could not be built)."""
     if name not in _libs:
         if not enabled():
             _libs[name] = False
         else:
             try:
-                _libs[name] = ctypes.CDLL(str(_build(name)))
+                lib = ctypes.CDLL(str(_build(name)))
+                for fn, (argtypes, restype) in SIGNATURES[name].items():
+                    getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
+                _libs[name] = lib
             except (OSError, subprocess.CalledProcessError) as e:
                 detail = (getattr(e, "stderr", None) or str(e)).strip().replace("\n", " ")
                 print(f"sgdnoise: the native {name} kernel could not be built ({detail[:200]}); "

@@ -165,6 +165,15 @@ static inline void update_row(int len, float *p, float *v, const float *gr, floa
     }
 }
 
+/* The bias's step: its gradient is g's column sums (gb: O floats of scratch). */
+static void bias_update(int n, int O, const float *g, float *bias, float *vb, float lr,
+                        float m, float wd, float *gb) {
+    for (int j = 0; j < O; j++) gb[j] = 0.0f;
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
+    update_row(O, bias, vb, gb, lr, m, wd);
+}
+
 /* dx (n x I) = g (n x O) W^T where the layer's input h > 0, else 0 (ReLU's backward), with
  * the weights before the update: 4 rows of g against 3 rows of W, 12 accumulators. */
 static void linear_dx(int n, int I, int O, const float *h, const float *g, const float *W,
@@ -244,12 +253,7 @@ static void linear_update(int n, int I, int O, const float *h, const float *g, f
             }
         }
     }
-    if (bias) {
-        for (int j = 0; j < O; j++) gb[j] = 0.0f;
-        for (int r = 0; r < n; r++)
-            for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
-        update_row(O, bias, vb, gb, lr, m, wd);
-    }
+    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, gb);
 }
 
 /* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
@@ -324,12 +328,7 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, const float *g
             }
         }
     }
-    if (bias) {
-        for (int j = 0; j < O; j++) row[j] = 0.0f;
-        for (int r = 0; r < n; r++)
-            for (int j = 0; j < O; j++) row[j] += g[(size_t)r * O + j];
-        update_row(O, bias, vb, row, lr, m, wd);
-    }
+    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
 }
 
 static int widest(int L, const int64_t *dims) {

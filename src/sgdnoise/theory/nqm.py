@@ -36,7 +36,6 @@ NaN, never a floating-point warning), and :func:`run` flags ``diverged``.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -170,15 +169,7 @@ def _kernel() -> Any:
     """The C recursion (sgdnoise/native/nqm.c), or None: numpy's loops below."""
     from sgdnoise import native
 
-    lib = native.library("nqm")
-    if lib is not None:
-        ptr, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.sgdn_nqm_sgd.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, i32,
-                                     f64, ptr, ptr]  # fmt: skip
-        lib.sgdn_nqm_momentum.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, f64,
-                                          i64, ptr, i64, i32, f64]  # fmt: skip
-        lib.sgdn_nqm_sgd.restype = lib.sgdn_nqm_momentum.restype = i64
-    return lib
+    return native.library("nqm")
 
 
 def _native_loop(lib, p, h, s, half_h, alphas, beta, record_every, curve, stop_at) -> int:
