@@ -193,6 +193,65 @@ def test_a_preempted_pack_resumes_from_its_checkpoints_into_the_same_runs(
     assert not list(tmp_path.glob("checkpoints/*/step-*.pt"))
 
 
+@pytest.mark.skipif(
+    native_mlp.library() is None,
+    reason="needs a C compiler (tested without one in test_native_mlp)",
+)
+def test_multi_step_calls_equal_one_call_per_step(tmp_path: Path, monkeypatch) -> None:
+    """Through the C kernel a pack takes the steps between two things the loop must do (a
+    divergence check every CHECK_EVERY steps, an evaluation, a checkpoint by steps) in one
+    call; the runs are bit-identical to one call per step: states, curves, the step a
+    member diverged at, and the checkpoints written. Evaluations (every 15 steps) and
+    checkpoints (every 23) fall between the checks; seeds 0 and 1 share two data orders."""
+    from sgdnoise import loop
+    from sgdnoise.data.order import BatchOrder
+    from sgdnoise.nets import StackedNet
+
+    members = [(0.05, 0), (2.0**10, 0), (0.1, 1), (0.2, 0)]
+    values = {
+        "train.budget.value": 90, "train.eval_points": 6, "train.batch_size": 8,
+        "train.checkpoint_every.unit": "steps", "train.checkpoint_every.value": 23,
+    }  # fmt: skip
+    cfgs = configs(members, **values)
+    calls: list[int] = []
+    steps = StackedNet.steps
+
+    def counted(self, x, y, streams, stream_of, lrs):
+        calls.append(len(lrs))
+        return steps(self, x, y, streams, stream_of, lrs)
+
+    monkeypatch.setattr(StackedNet, "steps", counted)
+    saved: dict[str, list[int]] = {}
+    save = loop.Checkpointer.save
+
+    def recorded(self, step, state):
+        saved.setdefault(str(self.dir.name), []).append(step)
+        return save(self, step, state)
+
+    monkeypatch.setattr(loop.Checkpointer, "save", recorded)
+    multi = train_pack(cfgs, root=tmp_path / "multi", track=False, keep_state=True)
+    multi_saved, saved = saved, {}
+    assert max(calls) > 8 and sum(calls) > 60  # most of the 90 steps, in few calls
+    monkeypatch.setattr(loop.Loop, "multi_step", property(lambda self: False))
+    calls.clear()
+    single = train_pack(cfgs, root=tmp_path / "single", track=False, keep_state=True)
+    assert not calls
+    assert multi[1].status == single[1].status == "diverged"
+    for a, b in zip(multi, single, strict=True):
+        assert a.state_sha256 == b.state_sha256
+        assert repr(a.history) == repr(b.history)  # repr: NaN losses compare equal
+        timing = "examples_per_second"
+        assert repr({k: v for k, v in a.metrics.items() if k != timing}) == repr(
+            {k: v for k, v in b.metrics.items() if k != timing}
+        )
+    assert multi_saved == saved and all(v == [23, 46, 69] for v in saved.values())
+    # A stream of steps is their global batches one after the other, across epochs.
+    order = BatchOrder(50, 7, seed=3)
+    assert torch.equal(
+        order.batches(5, 12), torch.cat([order.global_batch(s) for s in range(5, 12)])
+    )
+
+
 def test_member_state_has_the_unpacked_keys_and_layout() -> None:
     from sgdnoise.models.mlp import mlp
 
@@ -227,7 +286,7 @@ def test_pack_keys_and_default_sizes() -> None:
         return default_pack_size(cfg, forward_flops(cfg, (40,), 10))
 
     # Small models and batches pack many runs; an arithmetic-bound step packs none. Plain
-    # MLPs that step through the C kernel (B <= 32 on the CPU) pack fewer: their weights
+    # MLPs that step through the C kernel (B <= 64 on the CPU) pack fewer: their weights
     # stay in the caches.
     native = native_mlp.library() is not None
     assert size(16, 32) == size(16, 256) == (NATIVE_MAX_PACK if native else MAX_PACK["cpu"])

@@ -55,6 +55,10 @@ class Checkpointer:
             return time.monotonic() - self._last_time >= 60 * self.value
         return False
 
+    def next_due(self) -> int | None:
+        """The step at which a checkpoint by steps falls due (None: by time, or off)."""
+        return self._last_step + int(self.value) if self.unit == "steps" else None
+
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -326,25 +326,30 @@ class Loop:
         self.t0 = time.perf_counter()
         try:
             with stop.installed():
-                for s in range(self.start, self.s.total):
+                s = self.start
+                while s < self.s.total:
                     if s == self.evals[next_eval]:
                         next_eval += 1
                         if not self._evaluate(s):
                             return
-                    losses = self._step(s)
-                    if self.progress is not None and (s + 1) % CHECK_EVERY == 0:
-                        self.progress.update(s + 1)
-                    if (s + 1) % CHECK_EVERY == 0 and (gone := self._diverged(losses.tolist())):
+                    # Steps [s, e) in one go: e is s + 1, or the next step at which the loop
+                    # has something to do when the kernel can take several steps per call.
+                    e = self._chunk_end(s, self.evals[next_eval])
+                    losses = self._steps(s, e) if e > s + 1 else self._step(s)
+                    s = e
+                    if self.progress is not None and s % CHECK_EVERY == 0:
+                        self.progress.update(s)
+                    if s % CHECK_EVERY == 0 and (gone := self._diverged(losses.tolist())):
                         self._pause()
-                        self._retire(gone, "diverged", s + 1)
+                        self._retire(gone, "diverged", s)
                         if not self.members:
                             return
                         self._resume()
-                    if stop.requested(self.acc, s + 1):
-                        self._checkpoint(s + 1)
-                        raise Preempted(s + 1)
-                    if self.members[0].ckpt.due(s + 1) and s + 1 < self.s.total:
-                        self._checkpoint(s + 1)
+                    if stop.requested(self.acc, s):
+                        self._checkpoint(s)
+                        raise Preempted(s)
+                    if self.members[0].ckpt.due(s) and s < self.s.total:
+                        self._checkpoint(s)
                 self._pause()
                 self._record(self.s.total, full=True)
                 self._retire(list(range(len(self.members))), "finished", self.s.total)
@@ -378,7 +383,34 @@ class Loop:
         self._resume()
         return True
 
-    # ---- one optimizer step ----
+    # ---- optimizer steps ----
+    def _chunk_end(self, s: int, next_eval: int) -> int:
+        """Where a call that starts at step s ends: s + 1, or through the C kernel's
+        multi-step call (one process, one micro-batch, no augmentation, no noise window)
+        the first later step that needs the loop: a divergence check, an evaluation, a
+        checkpoint due by steps, the end. A SIGTERM is acted on there (at most CHECK_EVERY
+        steps later)."""
+        if not self.multi_step:
+            return s + 1
+        e = min(next_eval, (s // CHECK_EVERY + 1) * CHECK_EVERY)
+        due = self.members[0].ckpt.next_due()
+        return min(e, due) if due is not None and due > s else e
+
+    @property
+    def multi_step(self) -> bool:
+        return (getattr(self.net, "native", None) is not None and self.k == 1 and self.P == 1
+                and self.window is None and self.s.augment is None
+                and isinstance(self.s.data.train_x, torch.Tensor))  # fmt: skip
+
+    def _steps(self, s: int, e: int) -> torch.Tensor:
+        """Steps [s, e) of every member in one call of the C kernel; the last step's losses."""
+        self._refresh_seeds()
+        streams = [order.batches(s, e) for order in self.orders]
+        lrs = torch.tensor([m.lrs[s:e] for m in self.members], dtype=torch.float32).T
+        losses = self.net.steps(self.s.data.train_x, self.s.data.train_y, streams,
+                                self.of_member.tolist(), lrs)  # fmt: skip
+        return losses[-1]
+
     def _step(self, s: int) -> torch.Tensor:
         """Forward, backward and update for every member; the last micro-batch's losses."""
         X, Y = self.s.data.train_x, self.s.data.train_y
@@ -404,13 +436,7 @@ class Loop:
     def _batches(self, s: int) -> tuple[torch.Tensor, list[tuple] | None]:
         """(K, B / processes) example indices of step s, one row per member (members of one
         seed share theirs), and per member the crop/flip draws of the global batch."""
-        if not self.seeds:  # after a start or a retirement
-            by_seed = {m.cfg.train.seed: m.order for m in self.members}
-            self.seeds = sorted(by_seed)
-            self.orders = [by_seed[seed] for seed in self.seeds]
-            self.of_member = torch.tensor(
-                [self.seeds.index(m.cfg.train.seed) for m in self.members], device=self.acc.device
-            )
+        self._refresh_seeds()
         rows = [order.global_batch(s) for order in self.orders]
         if self.P > 1:
             rows = [r[self.rank * self.share : (self.rank + 1) * self.share] for r in rows]
@@ -423,6 +449,16 @@ class Loop:
         per_seed = [crop_flip_params(self.B, torch.Generator(device=device).manual_seed(
             derived_seed("aug", seed, s))) for seed in self.seeds]  # fmt: skip
         return idx, [per_seed[i] for i in self.of_member.tolist()]
+
+    def _refresh_seeds(self) -> None:
+        """The members' distinct seeds and data orders (after a start or a retirement)."""
+        if not self.seeds:
+            by_seed = {m.cfg.train.seed: m.order for m in self.members}
+            self.seeds = sorted(by_seed)
+            self.orders = [by_seed[seed] for seed in self.seeds]
+            self.of_member = torch.tensor(
+                [self.seeds.index(m.cfg.train.seed) for m in self.members], device=self.acc.device
+            )
 
     def _diverged(self, values: list[float]) -> list[int]:
         """Positions of the members whose loss is non-finite or above divergence_factor ×

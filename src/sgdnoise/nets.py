@@ -222,15 +222,27 @@ class StackedNet:
 
     def step(self, lrs: Sequence[float]) -> None:
         if self.native is not None:
-            opt = self.optimizer
-            opt.ensure_buffers()
-            buffers = {id(p): b for p, b in zip(opt.params, opt.momentum_buffers, strict=True)
-                       if b is not None}  # fmt: skip
-            group = opt.param_groups[0]
-            self.native.step(list(lrs), group["momentum"], group["weight_decay"], buffers)
+            self.native.step(list(lrs), *self._native_optimizer())
             return
         self.optimizer.step(lrs)
         self.optimizer.zero_grad()
+
+    def _native_optimizer(self) -> tuple[float, float, dict[int, torch.Tensor]]:
+        """(momentum, weight decay, momentum buffer by id of its parameter) for the kernel."""
+        opt = self.optimizer
+        opt.ensure_buffers()
+        buffers = {id(p): b for p, b in zip(opt.params, opt.momentum_buffers, strict=True)
+                   if b is not None}  # fmt: skip
+        group = opt.param_groups[0]
+        return group["momentum"], group["weight_decay"], buffers
+
+    def steps(self, x: torch.Tensor, y: torch.Tensor, streams: list[torch.Tensor],
+              stream_of: list[int], lrs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """T steps through the C kernel in one call (`NativeMLPStep.steps`); the losses of
+        each step, (T, K). Only when `native` is set."""
+        if self.native is None:
+            raise RuntimeError("multi-step calls need the native MLP step")
+        return self.native.steps(x, y, streams, stream_of, lrs, *self._native_optimizer())
 
     @torch.no_grad()
     def evaluate(self, x: Any, y: torch.Tensor, autocast: Autocast) -> list[tuple[float, float]]:

@@ -66,11 +66,13 @@ def pack_key(cfg: Config) -> str:
 PACK_FLOPS = {"cpu": (25e6, 100e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 16, "cuda": 16}
 # Packs of plain MLPs on the CPU at B <= this step through the C kernel of
-# sgdnoise.models.native_mlp (above it torch's matrix products are as fast), in packs of at
+# sgdnoise.models.native_mlp (above it torch's matrix products are as fast: whole packs,
+# evaluations included, B = 128 at K = 4 and B = 256 at K = 2 within the machine's noise of
+# each other; B = 64 at K = 8: 880-960 µs per member-step vs 1050-1100), in packs of at
 # most NATIVE_MAX_PACK: the kernel runs a member's step while its weights are cached, and
 # 16 members' weights and momentum (10 MB for the default MLP) crowd the cache two workers
 # share (B = 4, whole packs of 400 steps: 164 µs per member-step at K = 8, 199 at K = 16).
-NATIVE_MAX_BATCH = 32
+NATIVE_MAX_BATCH = 64
 NATIVE_MAX_PACK = 8
 
 

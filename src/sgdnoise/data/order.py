@@ -39,12 +39,16 @@ class BatchOrder:
         return perm
 
     def global_batch(self, step: int) -> torch.Tensor:
-        start = step * self.batch_size
-        stop = start + self.batch_size
+        return self.batches(step, step + 1)
+
+    def batches(self, first_step: int, stop_step: int) -> torch.Tensor:
+        """The global batches of steps [first_step, stop_step), one after the other:
+        (stop_step - first_step) · B indices."""
+        start, stop = first_step * self.batch_size, stop_step * self.batch_size
         first, last = start // self.n, (stop - 1) // self.n
         if first == last:
             off = start - first * self.n
-            return self._perm(first)[off : off + self.batch_size]
+            return self._perm(first)[off : off + stop - start]
         parts = []
         for e in range(first, last + 1):
             lo = max(start, e * self.n) - e * self.n

@@ -102,13 +102,45 @@ class NativeMLPStep:
         if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
             raise RuntimeError("heavy ball needs every weight's momentum buffer")
         n = len(self._y) // K
-        need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
-        if self._ws.numel() < need:
-            self._ws = torch.empty(need)
+        ws = self._workspace(n)
         W, b, V, vb = self._params(buffers)
         rates = (ctypes.c_float * K)(*lrs)
         self.lib.sgdn_mlp_step(
             K, n, self.L, self._dims, W, b, V, vb, self._x.data_ptr(), self._y.data_ptr(),
-            self._ws.data_ptr(), rates, momentum, weight_decay, self._losses.data_ptr(),
+            ws.data_ptr(), rates, momentum, weight_decay, self._losses.data_ptr(),
         )  # fmt: skip
         self._x = self._y = torch.empty(0)
+
+    def _workspace(self, n: int) -> torch.Tensor:
+        need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
+        if self._ws.numel() < need:
+            self._ws = torch.empty(need)
+        return self._ws
+
+    @torch.no_grad()
+    def steps(self, X: torch.Tensor, Y: torch.Tensor, streams: list[torch.Tensor],
+              stream_of: list[int], lrs: torch.Tensor, momentum: float, weight_decay: float,
+              buffers: dict[int, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        """T steps of every member in one call, each the same as a `losses` and `step` pair
+        on its batch: member k's batch of step t is rows streams[stream_of[k]][t·n : (t+1)·n]
+        of X (N, ...) and Y (N,). lrs (T, K): the learning rates. Returns the losses (T, K)."""
+        T, K = lrs.shape
+        n = len(streams[0]) // T
+        if any(len(s) != T * n for s in streams) or len(stream_of) != K or n == 0:
+            raise ValueError("every stream holds T batches, one stream per member's seed")
+        if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
+            raise RuntimeError("heavy ball needs every weight's momentum buffer")
+        X, Y = X.reshape(len(X), -1), Y
+        assert X.dtype == torch.float32 and X.is_contiguous() and Y.dtype == torch.int64
+        idx = [s.to(torch.int64).contiguous() for s in streams]
+        rows = (ctypes.c_int64 * K)(*stream_of)
+        xb, yb = torch.empty(K * n, X.shape[1]), torch.empty(K * n, dtype=torch.int64)
+        lrs = lrs.to(torch.float32).contiguous()
+        losses = torch.empty(T, K)
+        W, b, V, vb = self._params(buffers)
+        self.lib.sgdn_mlp_steps(
+            T, K, n, self.L, self._dims, W, b, V, vb, X.data_ptr(), Y.data_ptr(),
+            _pointers(idx), rows, xb.data_ptr(), yb.data_ptr(), self._workspace(n).data_ptr(),
+            lrs.data_ptr(), momentum, weight_decay, losses.data_ptr(),
+        )  # fmt: skip
+        return losses

@@ -38,6 +38,7 @@ _P, _I, _I64, _F, _D = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_
 SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
     "mlp_step": {
         "sgdn_mlp_step": ([_I, _I, _I, *[_P] * 9, _F, _F, _P], None),
+        "sgdn_mlp_steps": ([_I, _I, _I, _I, *[_P] * 13, _F, _F, _P], None),
         "sgdn_mlp_ws_floats": ([_I, _I, _P], _I64),
     },
     "nqm": {

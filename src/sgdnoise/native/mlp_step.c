@@ -402,3 +402,30 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
         }
     }
 }
+
+/* T consecutive steps of every member, each exactly sgdn_mlp_step on its gathered batch:
+ * what the training loop would do with T calls, without the interpreter between them.
+ * Step t's batch of member k is rows idx[s][t*n .. t*n + n) of X (N x I_0) and Y, where
+ * s = stream_of[k]: members of one seed share a stream (their data order), idx[s] holds
+ * T*n example indices. lrs (T x K): each step's learning rates; losses (T x K) receives each
+ * step's mean losses. xb (K*n*I_0 floats) and yb (K*n) hold a step's gathered batch; ws:
+ * sgdn_mlp_ws_floats(n, ...) floats, as for sgdn_mlp_step. */
+void sgdn_mlp_steps(int T, int K, int n, int L, const int64_t *dims, float *const *W,
+                    float *const *b, float *const *V, float *const *vb, const float *X,
+                    const int64_t *Y, const int64_t *const *idx, const int64_t *stream_of,
+                    float *xb, int64_t *yb, float *ws, const float *lrs, float m, float wd,
+                    float *losses) {
+    size_t I0 = (size_t)dims[0];
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K; k++) {
+            const int64_t *rows = idx[stream_of[k]] + (size_t)t * n;
+            for (int r = 0; r < n; r++) {
+                size_t dst = (size_t)k * n + r;
+                memcpy(xb + dst * I0, X + (size_t)rows[r] * I0, I0 * sizeof(float));
+                yb[dst] = Y[rows[r]];
+            }
+        }
+        sgdn_mlp_step(K, n, L, dims, W, b, V, vb, xb, yb, ws, lrs + (size_t)t * K, m, wd,
+                      losses + (size_t)t * K);
+    }
+}
