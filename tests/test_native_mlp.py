@@ -4,9 +4,10 @@ The same math with sums in another order: per-step losses agree to float roundin
 after steps with per-member learning rates, momentum or plain SGD, weight decay and members
 retiring, every parameter agrees within PARAM_RTOL of its largest entry (the tolerance
 tests/test_pack.py states for packed runs). Widths and batch sizes that are not multiples of
-the kernel's vector and row blocks (both of its backward paths: fused for up to 8 rows,
-blocked above; layers narrower than a vector), and layers without bias, are covered. Without a
-compiler, or with SGDNOISE_NATIVE=0, packs take the torch path and say so.
+the kernel's vector and row blocks (its three backward paths: one pass per weight row for up
+to 8 rows, blocks of weight rows above, plain loops for layers narrower than a vector), and
+layers without bias, are covered. Without a compiler, or with SGDNOISE_NATIVE=0, packs take
+the torch path and say so.
 """
 
 from __future__ import annotations
@@ -79,12 +80,21 @@ def assert_close(a: StackedNet, b: StackedNet) -> None:
     [
         ({}, 4),
         ({}, 16),
+        ({}, 40),
         ({"depth": 1, "width": 20}, 3),
         ({"depth": 3, "width": 36}, 7),
         ({"depth": 2, "width": 44}, 13),
         ({"depth": 1, "width": 6}, 9),
     ],
-    ids=["default-B4", "default-B16", "narrow-B3", "deep-B7", "blocked-B13", "thin-B9"],
+    ids=[
+        "default-B4",
+        "default-B16",
+        "default-B40",
+        "narrow-B3",
+        "deep-B7",
+        "blocked-B13",
+        "thin-B9",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "sgd"])
 def test_native_step_equals_the_torch_path(model: dict, n: int, momentum: float) -> None:

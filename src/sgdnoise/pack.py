@@ -17,6 +17,7 @@ amplified by training (tests/test_pack.py states the tolerance).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -66,14 +67,19 @@ def pack_key(cfg: Config) -> str:
 PACK_FLOPS = {"cpu": (25e6, 100e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 16, "cuda": 16}
 # Packs of plain MLPs on the CPU at B <= this step through the C kernel of
-# sgdnoise.models.native_mlp (above it torch's matrix products are as fast: whole packs,
-# evaluations included, B = 128 at K = 4 and B = 256 at K = 2 within the machine's noise of
-# each other; B = 64 at K = 8: 880-960 µs per member-step vs 1050-1100), in packs of at
-# most NATIVE_MAX_PACK: the kernel runs a member's step while its weights are cached, and
-# 16 members' weights and momentum (10 MB for the default MLP) crowd the cache two workers
-# share (B = 4, whole packs of 400 steps: 164 µs per member-step at K = 8, 199 at K = 16).
-NATIVE_MAX_BATCH = 64
+# sgdnoise.models.native_mlp; above it torch's matrix products are faster (the kernel's
+# activations outgrow the caches). µs per member-step of the default MLP, one thread,
+# `benchmarks/member_step.py` (torch, unpacked) and `--kernel-only` (packs of 2): B = 128:
+# 1842 vs 1054; 256: 2870 vs 2238; 512: 5009 vs 4207-4700; 1024: 8077 vs 10,610 (K = 1).
+NATIVE_MAX_BATCH = 512
+# Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
+# weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
+# the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at
+# K = 8, 199 at K = 16) and at most NATIVE_PACK_FLOPS of forward FLOPs per pack step. The
+# kernel steps one member after the other, so a member's step has no size limit: the pack
+# only amortizes the loop's Python between calls (B = 256: 4 members, 512: 2).
 NATIVE_MAX_PACK = 8
+NATIVE_PACK_FLOPS = 200e6
 
 
 def native_step(cfg: Config, on_gpu: bool) -> bool:
@@ -95,13 +101,13 @@ def default_pack_size(cfg: Config, flops_per_example: float) -> int:
     )
     kind = "cuda" if on_gpu else "cpu"
     member_max, pack_max = PACK_FLOPS[kind]
-    per_member = max(1.0, flops_per_example * cfg.train.batch_size)
-    if per_member > member_max:
-        return 1
     most = MAX_PACK[kind]
     if (cfg.model.name == "mlp" and cfg.model.norm == "none" and cfg.train.precision == "fp32"
             and native_step(cfg, on_gpu) and native_mlp.library() is not None):  # fmt: skip
-        most = NATIVE_MAX_PACK
+        member_max, pack_max, most = math.inf, NATIVE_PACK_FLOPS, NATIVE_MAX_PACK
+    per_member = max(1.0, flops_per_example * cfg.train.batch_size)
+    if per_member > member_max:
+        return 1
     k = 1
     while 2 * k <= most and 2 * k * per_member <= pack_max:
         k *= 2

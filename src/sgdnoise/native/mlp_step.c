@@ -2,13 +2,14 @@
  * with L2: one optimizer step of every member in one call, member by member.
  *
  * Why this exists: at the small batch sizes of the noise-dominated regime a member's step
- * is a few matrix products with 4 to 32 rows. torch's batched kernels run those at a
+ * is a few matrix products with 4 to 64 rows. torch's batched kernels run those at a
  * quarter of the CPU's peak, and the gradient, the momentum and the update then stream
  * every weight through memory again. Here a member's forward pass, backward pass and
- * update run back to back while its weights are still in the caches; every product is
+ * update run back to back while its weights are still in the caches; the products are
  * the register-blocked outer-product loop below (6 or 4 rows x 16 columns of
- * accumulators), and the weight gradient is applied block by block as it is computed,
- * never stored.
+ * accumulators), the backward pass reads each row of weights once for the input gradient,
+ * the weight gradient and the update, and the weight gradient is applied as it is
+ * computed, never stored. sgdn_mlp_steps takes several steps per call.
  *
  * The math is that of sgdnoise.models.packed_mlp (and so of autograd and torch's fused
  * SGD): forward h_{l+1} = relu(h_l W_l + b_l), loss = mean over rows of
@@ -25,6 +26,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
@@ -256,6 +260,105 @@ static void linear_update(int n, int I, int O, const float *h, const float *g, f
     if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, gb);
 }
 
+/* dst (cols x rows) = src (rows x cols) transposed; 8 x 8 tiles in registers where AVX is. */
+static void transpose(int rows, int cols, const float *src, float *dst) {
+    int r8 = 0, c8 = 0;
+#if defined(__AVX__)
+    r8 = rows - rows % 8;
+    c8 = cols - cols % 8;
+    for (int r0 = 0; r0 < r8; r0 += 8)
+        for (int c0 = 0; c0 < c8; c0 += 8) {
+            const float *s0 = src + (size_t)r0 * cols + c0;
+            __m256 r[8], t[8], u[8];
+            for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(s0 + (size_t)q * cols);
+            for (int q = 0; q < 8; q += 2) {
+                t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+                t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+            }
+            for (int q = 0; q < 8; q += 4) {
+                u[q] = _mm256_shuffle_ps(t[q], t[q + 2], 0x44);
+                u[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], 0xEE);
+                u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0x44);
+                u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0xEE);
+            }
+            float *d0 = dst + (size_t)c0 * rows + r0;
+            for (int q = 0; q < 4; q++) {
+                _mm256_storeu_ps(d0 + (size_t)q * rows, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+                _mm256_storeu_ps(d0 + (size_t)(q + 4) * rows,
+                                 _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+            }
+        }
+#endif
+    /* The edges (everything without AVX): the columns right of the tiles, then the rows below. */
+    for (int r = 0; r < r8; r++)
+        for (int c = c8; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+    for (int r = r8; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+}
+
+/* The backward pass and update of one layer for more rows (n > FUSED_MAX_N, O >= 8), a
+ * block of 6 (or 4) rows of W at a time, so that each row of W is read from memory once
+ * and both products run in the register-blocked micro-kernel: the block's rows of
+ * dx^T = W g^T (with the weights before the update; g^T in gT), then its rows of the weight
+ * gradient h^T g, applied strip by strip as they are summed. When dx is given (dxT: I x n
+ * floats of scratch), dx = (dx^T)^T where h > 0, else 0. Then the bias. row: O floats. */
+static void linear_bwd_blocked(int n, int I, int O, const float *h, const float *g, float *gT,
+                               float *W, float *V, float *bias, float *vb, float *dxT,
+                               float *dx, float lr, float m, float wd, float *row) {
+    int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS], ra[MAX_STRIPS], rb[MAX_STRIPS];
+    int rlo[MAX_STRIPS]; /* n <= 65,536 (pack.NATIVE_MAX_BATCH) */
+    int ns = strips(O, ja, jb, lo), nr = strips(n, ra, rb, rlo);
+    if (dx) transpose(n, O, g, gT);
+    for (int i0 = 0; i0 < I;) {
+        int mr = block_rows(I - i0), ni = I - i0 < mr ? I - i0 : mr;
+        const float *a[6];
+        v8 c[12];
+        if (dx) { /* rows i0 .. i0 + ni of dx^T, strip by strip of the n columns */
+            for (int q = 0; q < mr; q++) a[q] = W + (size_t)(i0 + (q < ni ? q : ni - 1)) * O;
+            for (int s = 0; s < nr; s++) {
+                for (int q = 0; q < 2 * mr; q++) c[q] = bc(0.0f);
+                kernel(mr, O, a, 1, gT + ra[s], n, rb[s], c);
+                for (int q = 0; q < ni; q++) {
+                    float *d = dxT + (size_t)(i0 + q) * n + ra[s];
+                    ST(d, c[2 * q]);
+                    ST(d + rb[s], c[2 * q + 1]);
+                }
+            }
+        }
+        for (int q = 0; q < mr; q++) {
+            a[q] = h + i0 + (q < ni ? q : ni - 1); /* column i of h: stride I */
+        }
+        for (int s = 0; s < ns; s++) {
+            int hi = ja[s] + jb[s] + 8; /* this strip's columns: [lo, hi) are new */
+            for (int q = 0; q < 2 * mr; q++) c[q] = bc(0.0f);
+            kernel(mr, n, a, I, g + ja[s], O, jb[s], c);
+            /* The next block's weights and momentum, a line per row and strip: a pack's
+             * members do not fit in L2, and these rows come from L3 (8 % at n = 64). */
+            for (int q = 0; q < 6 && i0 + ni + q < I; q++) {
+                size_t at = (size_t)(i0 + ni + q) * O + ja[s];
+                __builtin_prefetch(W + at, 1, 3);
+                if (V) __builtin_prefetch(V + at, 1, 3);
+            }
+            for (int q = 0; q < ni; q++) {
+                float blk[16];
+                ST(blk, c[2 * q]);
+                ST(blk + jb[s], c[2 * q + 1]);
+                size_t at = (size_t)(i0 + q) * O;
+                update_row(hi - lo[s], W + at + lo[s], V ? V + at + lo[s] : NULL,
+                           blk + (lo[s] - ja[s]), lr, m, wd);
+            }
+        }
+        i0 += ni;
+    }
+    if (dx) {
+        transpose(I, n, dxT, dx);
+        size_t len = (size_t)n * I, j = 0;
+        for (; j + 8 <= len; j += 8) ST(dx + j, (v8)((vi8)LD(dx + j) & (vi8)(LD(h + j) > bc(0.0f))));
+        for (; j < len; j++) dx[j] = h[j] > 0.0f ? dx[j] : 0.0f;
+    }
+    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
+}
+
 /* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
  * over W. h (n x I): its input; g (n x O): the loss's
  * gradient at its output. When dx is given: dx (n x I) = g W^T where h > 0, else 0, with
@@ -338,11 +441,12 @@ static int widest(int L, const int64_t *dims) {
 }
 
 /* Floats of workspace sgdn_mlp_step needs for members of n rows: one member's activations
- * (every layer's output), two gradient buffers and a row of scratch. */
+ * (every layer's output), two gradient buffers and two for their transposes, and a row of
+ * scratch. */
 int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
     int64_t s = 0;
     for (int l = 1; l <= L; l++) s += (int64_t)n * dims[l];
-    return s + 2 * (int64_t)n * widest(L, dims) + widest(L, dims);
+    return s + 4 * (int64_t)n * widest(L, dims) + widest(L, dims);
 }
 
 /* One step of every member k: forward on its rows x[k] (n x I_0) with labels y[k], its
@@ -355,7 +459,8 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
     const float *ins[64]; /* each layer's input: x, then the hidden outputs */
     float *acts = ws, *at = ws;
     for (int l = 1; l <= L; l++) at += (size_t)n * dims[l];
-    float *ga = at, *gb = ga + (size_t)n * wide, *row = gb + (size_t)n * wide;
+    float *ga = at, *gb = ga + (size_t)n * wide, *gT = gb + (size_t)n * wide;
+    float *dxT = gT + (size_t)n * wide, *row = dxT + (size_t)n * wide;
     for (int k = 0; k < K; k++) {
         const int64_t *yk = y + (size_t)k * n;
         ins[0] = x + (size_t)k * n * dims[0];
@@ -392,6 +497,9 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
             if (n <= FUSED_MAX_N) {
                 linear_bwd_fused(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
                                  lrs[k], m, wd, row);
+            } else if (O >= 8) {
+                linear_bwd_blocked(n, I, O, ins[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
+                                   l > 0 ? spare : NULL, lrs[k], m, wd, row);
             } else {
                 if (l > 0) linear_dx(n, I, O, ins[l], g, W[l] + wo, spare);
                 linear_update(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, lrs[k], m, wd, row);
