@@ -170,14 +170,21 @@ def _bootstrap(out: Regimes, cube: Cube, rule: Rule, n_boot: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     batch = cube.groups.astype(float)
     fits = []
+    # With a few seeds most resamples repeat (3 seeds: 27 distinct draws in N_BOOT): each
+    # distinct draw is fitted once.
+    fitted: dict[tuple[int, ...], float | None] = {}
     for _ in range(n_boot):
         idx = rng.integers(0, n_seeds, n_seeds)
-        log2_opt = optimal_log2_lr(cube.score[:, :, idx], cube.lrs, rule)
-        ok = np.isfinite(log2_opt)
-        if ok.sum() >= MIN_BATCH_SIZES:
+        key = tuple(int(i) for i in idx)
+        if key not in fitted:
+            log2_opt = optimal_log2_lr(cube.score[:, :, idx], cube.lrs, rule)
+            ok = np.isfinite(log2_opt)
             # A fit pinned to a search bound stays in as that bound: the interval then
             # reaches the bound, which is what the data say.
-            fits.append(fit_b_crit(batch[ok], 2.0 ** log2_opt[ok]).b_crit)
+            fitted[key] = (fit_b_crit(batch[ok], 2.0 ** log2_opt[ok]).b_crit
+                           if ok.sum() >= MIN_BATCH_SIZES else None)  # fmt: skip
+        if fitted[key] is not None:
+            fits.append(fitted[key])
     out.n_boot = len(fits)
     if len(fits) < 10:
         out.messages.append(f"no bootstrap interval for B_crit: only {len(fits)} resamples fit")

@@ -460,6 +460,25 @@ def test_torchrun_two_process_worker_runs_a_sweep(tmp_path: Path) -> None:
 # ---- a dead worker's trial resumes from its checkpoint, in the same MLflow run ----
 
 
+def test_a_lone_point_steps_through_the_c_kernel_as_a_pack_of_one(tmp_path: Path) -> None:
+    """A plain MLP's point without pack mates trains as a pack of one, through the C kernel
+    (faster than torch's unpacked step); `train.pack: 1` keeps it out of packs."""
+    from sgdnoise.models import native_mlp
+
+    study = {"grid": {"train.lr_eff": [0.25], "train.seed": [0]}, "edges": {"extend": False}}
+    for pack, expected in ((None, "1"), (1, None)):
+        root = make_project(tmp_path / str(pack), {"one": study}, train={"pack": pack})
+        out = ok(cli(root, "sweep", "one"))
+        (child,) = check_exactly_once(root, "one")[1]
+        native = native_mlp.library() is not None
+        if pack is None and native:
+            assert "pack of 1" in out, out
+            assert child["params"]["derived.pack"] == expected
+            assert child["params"]["derived.step_kernel"] == "native"
+        else:
+            assert "pack of" not in out and "derived.pack" not in child["params"], out
+
+
 def test_rerun_of_a_dead_workers_trial_resumes_its_checkpoint(tmp_path: Path) -> None:
     study = {
         "grid": {"train.lr_eff": [0.25], "train.seed": [0]},

@@ -91,19 +91,29 @@ def native_step(cfg: Config, on_gpu: bool) -> bool:
             and cfg.train.batch_size <= NATIVE_MAX_BATCH)  # fmt: skip
 
 
+def _on_gpu(cfg: Config) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def native_mlp_runs(cfg: Config) -> bool:
+    """Whether cfg's runs, in a pack, step through the C kernel: a plain MLP in fp32 under
+    `native_step`'s conditions, where the kernel could be built. Its step is faster than
+    torch's packed or unpacked one (NATIVE_MAX_BATCH), so a run without pack mates in a
+    sweep trains as a pack of one (unless `train.pack: 1`)."""
+    return (cfg.model.name == "mlp" and cfg.model.norm == "none"
+            and cfg.train.precision == "fp32" and native_step(cfg, _on_gpu(cfg))
+            and native_mlp.library() is not None)  # fmt: skip
+
+
 def default_pack_size(cfg: Config, flops_per_example: float) -> int:
     """How many runs a sweep packs by default (`train.pack: null`), given the model's
     forward FLOPs per example (`forward_flops`)."""
     if cfg.data.name == "nqm" or cfg.model.name == "resnet50":
         return 1  # exact theory, not training; one ResNet-50 run fills a GPU's memory
-    on_gpu = cfg.train.device == "cuda" or (
-        cfg.train.device == "auto" and torch.cuda.is_available()
-    )
-    kind = "cuda" if on_gpu else "cpu"
+    kind = "cuda" if _on_gpu(cfg) else "cpu"
     member_max, pack_max = PACK_FLOPS[kind]
     most = MAX_PACK[kind]
-    if (cfg.model.name == "mlp" and cfg.model.norm == "none" and cfg.train.precision == "fp32"
-            and native_step(cfg, on_gpu) and native_mlp.library() is not None):  # fmt: skip
+    if native_mlp_runs(cfg):
         member_max, pack_max, most = math.inf, NATIVE_PACK_FLOPS, NATIVE_MAX_PACK
     per_member = max(1.0, flops_per_example * cfg.train.batch_size)
     if per_member > member_max:
@@ -240,7 +250,7 @@ def train_pack(
                       track=track, keep_state=keep_state)  # fmt: skip
             done(i, r)
 
-    if len(cfgs) == 1 or cfgs[0].data.name == "nqm":
+    if cfgs[0].data.name == "nqm" or (len(cfgs) == 1 and not native_mlp_runs(cfgs[0])):
         one_by_one(range(len(cfgs)))
         return results  # type: ignore[return-value]
     # Members resumed from checkpoints must stand at the same step to share a pack.
@@ -281,6 +291,8 @@ def _train_group(
     task, augment = task_of(cfg0, data.meta), augmentation(data)
     states, template = [], None
     for cfg, resume in zip(cfgs, resumes, strict=True):
+        if resume is not None:
+            print(f"resuming {cfg.run_key} from step {resume['step']}", file=sys.stderr)
         torch.manual_seed(derived_seed("init", cfg.train.seed))
         model = build_model(cfg.model, tuple(data.input_shape), data.num_classes).to(acc.device)
         template = model if template is None else template

@@ -132,6 +132,7 @@ class Worker:
         self.pack_runner = pack_runner
         self.from_the_end = from_the_end
         self._pack_sizes: dict[str, int] = {}
+        self._solo: dict[str, bool] = {}
         self.worker_id = worker_id or new_worker_id()
         self.tally = Tally()
         self.study: Any = None
@@ -151,7 +152,8 @@ class Worker:
                 if step == WAIT:
                     time.sleep(self.poll)
                 elif step != AGAIN:
-                    group = self._execute(step) if len(step) == 1 else self._execute_pack(step)
+                    alone = len(step) == 1 and not self._pack_of_one(step[0])
+                    group = self._execute(step) if alone else self._execute_pack(step)
                     if group is not None:
                         self._extend(group)
         finally:
@@ -197,6 +199,19 @@ class Worker:
         if claimed:
             self.trials.set_attr(t, "worker", self.worker_id)
         return claimed
+
+    def _pack_of_one(self, t: FrozenTrial) -> bool:
+        """Whether a trial without pack mates still trains through the pack runner: its
+        runs step through the C kernel there, faster than alone (sgdnoise.pack.native_mlp_runs)."""
+        if self.pack_runner is None:
+            return False
+        from sgdnoise.pack import native_mlp_runs, pack_key
+
+        cfg = self.spec.config(json.loads(t.user_attrs["point"]))
+        key = pack_key(cfg)
+        if key not in self._solo:
+            self._solo[key] = cfg.train.pack != 1 and native_mlp_runs(cfg)
+        return self._solo[key]
 
     def _pack_mates(self, state: GridState, first: FrozenTrial) -> list[FrozenTrial]:
         """Claim up to pack size - 1 more waiting trials that can train with `first`: the
