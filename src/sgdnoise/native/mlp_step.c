@@ -178,84 +178,28 @@ static void bias_update(int n, int O, const float *g, float *bias, float *vb, fl
     update_row(O, bias, vb, gb, lr, m, wd);
 }
 
-/* dx (n x I) = g (n x O) W^T where the layer's input h > 0, else 0 (ReLU's backward), with
- * the weights before the update: 4 rows of g against 3 rows of W, 12 accumulators. */
-static void linear_dx(int n, int I, int O, const float *h, const float *g, const float *W,
-                      float *dx) {
-    int O8 = O - O % 8;
-    for (int r0 = 0; r0 < n; r0 += 4) {
-        int nr = n - r0 < 4 ? n - r0 : 4;
-        const float *gr[4];
-        for (int q = 0; q < 4; q++) gr[q] = g + (size_t)(r0 + (q < nr ? q : nr - 1)) * O;
-        for (int i0 = 0; i0 < I; i0 += 3) {
-            int ni = I - i0 < 3 ? I - i0 : 3;
-            const float *wr[3];
-            for (int q = 0; q < 3; q++) wr[q] = W + (size_t)(i0 + (q < ni ? q : ni - 1)) * O;
-            v8 z = bc(0.0f);
-            v8 d00 = z, d01 = z, d02 = z, d10 = z, d11 = z, d12 = z;
-            v8 d20 = z, d21 = z, d22 = z, d30 = z, d31 = z, d32 = z;
-            for (int j = 0; j < O8; j += 8) {
-                v8 w0 = LD(wr[0] + j), w1 = LD(wr[1] + j), w2 = LD(wr[2] + j);
-                v8 q0 = LD(gr[0] + j), q1 = LD(gr[1] + j), q2 = LD(gr[2] + j), q3 = LD(gr[3] + j);
-                d00 += q0 * w0; d01 += q0 * w1; d02 += q0 * w2;
-                d10 += q1 * w0; d11 += q1 * w1; d12 += q1 * w2;
-                d20 += q2 * w0; d21 += q2 * w1; d22 += q2 * w2;
-                d30 += q3 * w0; d31 += q3 * w1; d32 += q3 * w2;
-            }
-            float s[4][3] = {{hsum(d00), hsum(d01), hsum(d02)}, {hsum(d10), hsum(d11), hsum(d12)},
-                             {hsum(d20), hsum(d21), hsum(d22)}, {hsum(d30), hsum(d31), hsum(d32)}};
-            for (int j = O8; j < O; j++)
-                for (int r = 0; r < 4; r++)
-                    for (int q = 0; q < 3; q++) s[r][q] += gr[r][j] * wr[q][j];
-            for (int r = 0; r < nr; r++)
-                for (int q = 0; q < ni; q++) {
-                    size_t at = (size_t)(r0 + r) * I + i0 + q;
-                    dx[at] = h[at] > 0.0f ? s[r][q] : 0.0f;
-                }
-        }
-    }
-}
-
-/* The weight gradient h^T g of one layer (I x O), applied as it is computed: each block of
- * 6 (or 4) rows x 16 columns is summed over the n rows of h and g in registers, then its
- * parameters take their step (grad + wd W, momentum, update). Then the bias. gb: O floats. */
-static void linear_update(int n, int I, int O, const float *h, const float *g, float *W,
-                          float *V, float *bias, float *vb, float lr, float m, float wd,
-                          float *gb) {
-    if (O < 8) {
-        for (int i = 0; i < I; i++) {
-            for (int j = 0; j < O; j++) {
+/* The backward pass and update of a layer narrower than a vector (O < 8) for more than
+ * FUSED_MAX_N rows, in plain loops: dx (n x I) = g W^T where the layer's input h > 0, else 0
+ * (when dx is given, with the weights before the update), then each row of W takes its step
+ * with the weight gradient h^T g, then the bias. gb: O floats of scratch. */
+static void linear_bwd_narrow(int n, int I, int O, const float *h, const float *g, float *W,
+                              float *V, float *bias, float *vb, float *dx, float lr, float m,
+                              float wd, float *gb) {
+    if (dx)
+        for (int r = 0; r < n; r++)
+            for (int i = 0; i < I; i++) {
                 float a = 0.0f;
-                for (int r = 0; r < n; r++) a += h[(size_t)r * I + i] * g[(size_t)r * O + j];
-                gb[j] = a;
+                for (int j = 0; j < O; j++) a += g[(size_t)r * O + j] * W[(size_t)i * O + j];
+                size_t at = (size_t)r * I + i;
+                dx[at] = h[at] > 0.0f ? a : 0.0f;
             }
-            update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
+    for (int i = 0; i < I; i++) {
+        for (int j = 0; j < O; j++) {
+            float a = 0.0f;
+            for (int r = 0; r < n; r++) a += h[(size_t)r * I + i] * g[(size_t)r * O + j];
+            gb[j] = a;
         }
-    } else {
-        int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS];
-        int ns = strips(O, ja, jb, lo);
-        for (int s = 0; s < ns; s++) {
-            int hi = ja[s] + jb[s] + 8; /* this strip's columns: [lo, hi) are new */
-            for (int i0 = 0; i0 < I;) {
-                int mr = block_rows(I - i0), ni = I - i0 < mr ? I - i0 : mr;
-                const float *a[6];
-                v8 c[12];
-                for (int q = 0; q < mr; q++) {
-                    a[q] = h + i0 + (q < ni ? q : ni - 1); /* column i of h: stride I */
-                    c[2 * q] = c[2 * q + 1] = bc(0.0f);
-                }
-                kernel(mr, n, a, I, g + ja[s], O, jb[s], c);
-                for (int q = 0; q < ni; q++) {
-                    float blk[16];
-                    ST(blk, c[2 * q]);
-                    ST(blk + jb[s], c[2 * q + 1]);
-                    size_t row = (size_t)(i0 + q) * O;
-                    update_row(hi - lo[s], W + row + lo[s], V ? V + row + lo[s] : NULL,
-                               blk + (lo[s] - ja[s]), lr, m, wd);
-                }
-                i0 += ni;
-            }
-        }
+        update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
     }
     if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, gb);
 }
@@ -501,8 +445,8 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
                 linear_bwd_blocked(n, I, O, ins[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
                                    l > 0 ? spare : NULL, lrs[k], m, wd, row);
             } else {
-                if (l > 0) linear_dx(n, I, O, ins[l], g, W[l] + wo, spare);
-                linear_update(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, lrs[k], m, wd, row);
+                linear_bwd_narrow(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
+                                  lrs[k], m, wd, row);
             }
             float *t = g;
             g = spare;
