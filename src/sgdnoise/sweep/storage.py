@@ -2,7 +2,8 @@
 
 - default: a journal file per study, `<project root>/optuna/<study>-<grid hash>.log`
   (JournalStorage + JournalFileBackend: safe for several processes on one machine;
-  SQLite is not, see research/tools.md), liveness by per-worker file locks.
+  Optuna's RDB storage on SQLite is not, its writers contend for the database lock),
+  liveness by per-worker file locks.
 - `--storage PATH`: that journal file.
 - `--storage postgresql://...`: one database for workers on many machines; liveness by
   Optuna's heartbeat (RDBStorage heartbeat_interval / grace_period).
