@@ -105,7 +105,7 @@ def kernel_only(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, n: int) -> flo
         B,
         nat.L,
         nat._dims,
-        *nat._params(buffers),
+        *nat._params(buffers, 0.9),
         x.data_ptr(),
         y.data_ptr(),
         nat._ws.data_ptr(),

@@ -50,8 +50,9 @@ def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 
 
 class NativeMLPStep:
-    """`losses` (forward) and `step` (backward and update, fused) for the pack of MLPs
-    whose Linear layers are `layers`, on the CPU in fp32."""
+    """`losses` (forward) and `step` (backward and update, fused), or `steps` (several
+    whole steps in one call), for the pack of MLPs whose Linear layers are `layers`, on the
+    CPU in fp32."""
 
     def __init__(self, lib: Any, layers: list[PackedLinear]):
         if not fits(layers):
@@ -67,9 +68,12 @@ class NativeMLPStep:
     def L(self) -> int:
         return len(self.layers)
 
-    def _params(self, buffers: dict[int, torch.Tensor]) -> tuple[ctypes.Array, ...]:
+    def _params(self, buffers: dict[int, torch.Tensor], momentum: float
+                ) -> tuple[ctypes.Array, ...]:  # fmt: skip
         """Pointer arrays of the weights, the biases and their momentum buffers (cached while
         the tensors stay the same objects; members retiring replace them)."""
+        if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
+            raise RuntimeError("heavy ball needs every weight's momentum buffer")
         ws = [layer.weight for layer in self.layers]
         bs = [layer.bias for layer in self.layers]
         vw = [buffers.get(id(w)) for w in ws]
@@ -99,11 +103,9 @@ class NativeMLPStep:
         K = len(lrs)
         if self._losses.numel() != K or len(self._y) == 0 or len(self._y) % K:
             raise RuntimeError("step() needs the batch of a losses() call for its K members")
-        if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
-            raise RuntimeError("heavy ball needs every weight's momentum buffer")
         n = len(self._y) // K
         ws = self._workspace(n)
-        W, b, V, vb = self._params(buffers)
+        W, b, V, vb = self._params(buffers, momentum)
         rates = (ctypes.c_float * K)(*lrs)
         self.lib.sgdn_mlp_step(
             K, n, self.L, self._dims, W, b, V, vb, self._x.data_ptr(), self._y.data_ptr(),
@@ -128,16 +130,14 @@ class NativeMLPStep:
         n = len(streams[0]) // T
         if any(len(s) != T * n for s in streams) or len(stream_of) != K or n == 0:
             raise ValueError("every stream holds T batches, one stream per member's seed")
-        if momentum and any(id(layer.weight) not in buffers for layer in self.layers):
-            raise RuntimeError("heavy ball needs every weight's momentum buffer")
-        X, Y = X.reshape(len(X), -1), Y
+        X = X.reshape(len(X), -1)
         assert X.dtype == torch.float32 and X.is_contiguous() and Y.dtype == torch.int64
         idx = [s.to(torch.int64).contiguous() for s in streams]
         rows = (ctypes.c_int64 * K)(*stream_of)
         xb, yb = torch.empty(K * n, X.shape[1]), torch.empty(K * n, dtype=torch.int64)
         lrs = lrs.to(torch.float32).contiguous()
         losses = torch.empty(T, K)
-        W, b, V, vb = self._params(buffers)
+        W, b, V, vb = self._params(buffers, momentum)
         self.lib.sgdn_mlp_steps(
             T, K, n, self.L, self._dims, W, b, V, vb, X.data_ptr(), Y.data_ptr(),
             _pointers(idx), rows, xb.data_ptr(), yb.data_ptr(), self._workspace(n).data_ptr(),
