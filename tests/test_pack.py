@@ -297,7 +297,7 @@ def test_pack_keys_and_default_sizes() -> None:
     assert 1 < size(4096, 32) < size(16, 32)  # the pack's own step stays cheap
     # The default MLP, as measured: through torch, packing stops where a member's step is
     # arithmetic-bound; through the C kernel, members step one after the other, so packs
-    # only keep the loop's Python between calls small (B <= NATIVE_MAX_BATCH = 512).
+    # only keep the loop's Python between calls small (B <= NATIVE_MAX_BATCH = 2048).
     if native:
         assert [size(B, 256) for B in (64, 128, 256, 512, 1024)] == [8, 8, 4, 2, 1]
     else:

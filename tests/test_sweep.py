@@ -24,6 +24,8 @@ import pytest
 import yaml
 from pg import free_port, throwaway_postgres
 
+from sgdnoise.data.sources import SYNTHETIC_CLASSES, SYNTHETIC_DIM
+
 BASE: dict[str, Any] = {
     "data": {"name": "synthetic", "num_samples": 400},
     "model": {"name": "mlp", "width": 16},
@@ -240,6 +242,32 @@ def test_rerunning_a_finished_sweep_trains_nothing_and_is_fast(two_worker_projec
     assert st["done"] and st["finished"] == 6 and st["running"] == [] and st["eta_s"] == 0
     text = ok(cli(root, "status", "grid6"))
     assert "6/6 points" in text and "complete" in text
+
+
+def test_the_efficiency_benchmark_reads_a_finished_study(two_worker_project) -> None:
+    """benchmarks/study_efficiency.py (issue: the study near the CPU's arithmetic limit) on
+    the finished 6-run study: it must keep working; its numbers are not judged here."""
+    root, _ = two_worker_project
+    script = Path(__file__).parents[1] / "benchmarks" / "study_efficiency.py"
+
+    def bench(*args: str) -> str:
+        res = subprocess.run([sys.executable, str(script), "grid6", "--root", str(root), *args],
+                             env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    e = json.loads(bench("--json"))
+    g = e["grid6"]
+    assert g["runs"] == 6 and e["all"]["studies"] == ["grid6"]
+    assert [r["batch_size"] for r in g["per_batch_size"]] == [16, 32]
+    assert all(r["runs"] == 3 and r["worker_s"] > 0 for r in g["per_batch_size"])
+    # Per run, 300 steps of B examples at 3 forward passes' FLOPs; evaluations on top.
+    d, k = SYNTHETIC_DIM, SYNTHETIC_CLASSES
+    fwd = 2 * (d * 16 + 16 * 16 + 16 * k)  # the 16-unit MLP's multiply-adds
+    assert g["train_tflop"] * 1e12 == pytest.approx(3 * 3 * fwd * 300 * (16 + 32))
+    assert 0 < g["eval_share"] < 1 and g["ratio"] > 0 and e["peak_gflops_one_thread"] > 0
+    text = bench()
+    assert "grid6: 6 runs" in text and "step/peak" in text and "ratio" in text.splitlines()[-1]
 
 
 # ---- kill -9 of a worker mid-run, then a restart ----

@@ -248,6 +248,9 @@ class StackedNet:
     def evaluate(self, x: Any, y: torch.Tensor, autocast: Autocast) -> list[tuple[float, float]]:
         """Every member on the same examples, in one batched pass per eval batch."""
         K, n, bs = self.size, len(y), self.eval_batch
+        if self.native is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            sums = self.native.evaluate(x, y)
+            return [(a / n, c / n) for a, c in sums.tolist()]
         sums = torch.zeros(K, 3, dtype=torch.float64, device=y.device)
         self.stack.train(False)
         for i in range(0, n, bs):

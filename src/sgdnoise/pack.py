@@ -67,11 +67,13 @@ def pack_key(cfg: Config) -> str:
 PACK_FLOPS = {"cpu": (25e6, 100e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 16, "cuda": 16}
 # Packs of plain MLPs on the CPU at B <= this step through the C kernel of
-# sgdnoise.models.native_mlp; above it torch's matrix products are faster (the kernel's
-# activations outgrow the caches). µs per member-step of the default MLP, one thread,
-# `benchmarks/member_step.py` (torch, unpacked) and `--kernel-only` (packs of 2): B = 128:
-# 1842 vs 1054; 256: 2870 vs 2238; 512: 5009 vs 4207-4700; 1024: 8077 vs 10,610 (K = 1).
-NATIVE_MAX_BATCH = 512
+# sgdnoise.models.native_mlp, which runs a member's batch in chunks of 128 rows (their
+# activations stay in L2) and evaluates in chunks too. Above 2048, torch's unpacked step is
+# as fast: both are then the matrix products themselves. µs per example-step of the default
+# MLP, whole runs, two at once as in a sweep (`benchmarks/large_batch.py`), kernel vs torch:
+# B = 1024: 9.1 vs 9.7; 2048: 9.3-9.5 vs 9.6-10.7; 8000: 9.8-10.5 vs 9.4-9.8. (Unchunked, the
+# kernel stopped at 512: 1024 took 10,610 µs per step against torch's 8077.)
+NATIVE_MAX_BATCH = 2048
 # Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
 # weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
 # the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at

@@ -113,11 +113,31 @@ class NativeMLPStep:
         )  # fmt: skip
         self._x = self._y = torch.empty(0)
 
-    def _workspace(self, n: int) -> torch.Tensor:
-        need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
+    def _workspace(self, n: int | None) -> torch.Tensor:
+        """Scratch for a step of n rows per member (None: for an evaluation)."""
+        if n is None:
+            need = self.lib.sgdn_mlp_eval_ws_floats(self.L, self._dims)
+        else:
+            need = self.lib.sgdn_mlp_ws_floats(n, self.L, self._dims)
         if self._ws.numel() < need:
             self._ws = torch.empty(need)
         return self._ws
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(K, 2) float64: every member's summed cross-entropy and number of correct
+        predictions on the examples x (n, ...), y (n,), shared by all members. The forward
+        pass runs member by member over chunks of rows while the member's weights stay in
+        L2 (torch's batched products run the 10-class output layer at a tenth of the peak)."""
+        x = x.reshape(len(y), -1).contiguous()
+        y = y.to(torch.int64).contiguous()
+        K = self.layers[0].weight.shape[0]
+        sums = torch.zeros(K, 2, dtype=torch.float64)
+        W = _pointers([layer.weight for layer in self.layers])
+        b = _pointers([layer.bias for layer in self.layers])
+        self.lib.sgdn_mlp_eval(K, len(y), self.L, self._dims, W, b, x.data_ptr(), y.data_ptr(),
+                               self._workspace(None).data_ptr(), sums.data_ptr())  # fmt: skip
+        return sums
 
     @torch.no_grad()
     def steps(self, X: torch.Tensor, Y: torch.Tensor, streams: list[torch.Tensor],

@@ -40,6 +40,8 @@ SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "sgdn_mlp_step": ([_I, _I, _I, *[_P] * 9, _F, _F, _P], None),
         "sgdn_mlp_steps": ([_I, _I, _I, _I, *[_P] * 13, _F, _F, _P], None),
         "sgdn_mlp_ws_floats": ([_I, _I, _P], _I64),
+        "sgdn_mlp_eval": ([_I, _I, _I, *[_P] * 7], None),
+        "sgdn_mlp_eval_ws_floats": ([_I, _P], _I64),
     },
     "nqm": {
         "sgdn_nqm_sgd": ([_I64, *[_P] * 5, _I64, _I64, _P, _I64, _I, _D, _P, _P], _I64),

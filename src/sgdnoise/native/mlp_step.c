@@ -107,6 +107,10 @@ static int strips(int O, int *ja, int *jb, int *lo) {
 
 #define MAX_STRIPS 4096 /* widths up to 65,536 */
 #define FUSED_MAX_N 8
+/* A member's batch of more rows runs in chunks (sgdn_mlp_step). */
+#ifndef CHUNK_ROWS
+#define CHUNK_ROWS 128
+#endif
 
 /* out (n x O) = h (n x I) W (I x O) + bias, then ReLU when `relu`. */
 static void linear_fwd(int n, int I, int O, const float *h, const float *W, const float *bias,
@@ -169,22 +173,35 @@ static inline void update_row(int len, float *p, float *v, const float *gr, floa
     }
 }
 
+/* gb (O) += g's column sums. */
+static void column_sums(int n, int O, const float *g, float *gb) {
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
+}
+
 /* The bias's step: its gradient is g's column sums (gb: O floats of scratch). */
 static void bias_update(int n, int O, const float *g, float *bias, float *vb, float lr,
                         float m, float wd, float *gb) {
     for (int j = 0; j < O; j++) gb[j] = 0.0f;
-    for (int r = 0; r < n; r++)
-        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
+    column_sums(n, O, g, gb);
     update_row(O, bias, vb, gb, lr, m, wd);
+}
+
+/* A chunk's weight gradient row gr (len) added into the gradient buffer's row G, in place
+ * of the update (which waits for the last chunk). */
+static inline void add_row(int len, float *G, const float *gr) {
+    for (int j = 0; j < len; j++) G[j] += gr[j];
 }
 
 /* The backward pass and update of a layer narrower than a vector (O < 8) for more than
  * FUSED_MAX_N rows, in plain loops: dx (n x I) = g W^T where the layer's input h > 0, else 0
  * (when dx is given, with the weights before the update), then each row of W takes its step
- * with the weight gradient h^T g, then the bias. gb: O floats of scratch. */
+ * with the weight gradient h^T g, then the bias. With a gradient buffer G (I x O, then the
+ * bias's O), the weight and bias gradients are added into it instead (a chunk of a larger
+ * batch). gb: O floats of scratch. */
 static void linear_bwd_narrow(int n, int I, int O, const float *h, const float *g, float *W,
                               float *V, float *bias, float *vb, float *dx, float lr, float m,
-                              float wd, float *gb) {
+                              float wd, float *gb, float *G) {
     if (dx)
         for (int r = 0; r < n; r++)
             for (int i = 0; i < I; i++) {
@@ -199,9 +216,15 @@ static void linear_bwd_narrow(int n, int I, int O, const float *h, const float *
             for (int r = 0; r < n; r++) a += h[(size_t)r * I + i] * g[(size_t)r * O + j];
             gb[j] = a;
         }
-        update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
+        if (G)
+            add_row(O, G + (size_t)i * O, gb);
+        else
+            update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
     }
-    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, gb);
+    if (bias && G)
+        column_sums(n, O, g, G + (size_t)I * O);
+    else if (bias)
+        bias_update(n, O, g, bias, vb, lr, m, wd, gb);
 }
 
 /* dst (cols x rows) = src (rows x cols) transposed; 8 x 8 tiles in registers where AVX is. */
@@ -245,12 +268,14 @@ static void transpose(int rows, int cols, const float *src, float *dst) {
  * and both products run in the register-blocked micro-kernel: the block's rows of
  * dx^T = W g^T (with the weights before the update; g^T in gT), then its rows of the weight
  * gradient h^T g, applied strip by strip as they are summed. When dx is given (dxT: I x n
- * floats of scratch), dx = (dx^T)^T where h > 0, else 0. Then the bias. row: O floats. */
+ * floats of scratch), dx = (dx^T)^T where h > 0, else 0. Then the bias. With a gradient
+ * buffer G (I x O, then the bias's O), the weight and bias gradients are added into it
+ * instead of updating (a chunk of a larger batch). row: O floats. */
 static void linear_bwd_blocked(int n, int I, int O, const float *h, const float *g, float *gT,
                                float *W, float *V, float *bias, float *vb, float *dxT,
-                               float *dx, float lr, float m, float wd, float *row) {
+                               float *dx, float lr, float m, float wd, float *row, float *G) {
     int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS], ra[MAX_STRIPS], rb[MAX_STRIPS];
-    int rlo[MAX_STRIPS]; /* n <= 65,536 (pack.NATIVE_MAX_BATCH) */
+    int rlo[MAX_STRIPS]; /* n <= CHUNK_ROWS */
     int ns = strips(O, ja, jb, lo), nr = strips(n, ra, rb, rlo);
     if (dx) transpose(n, O, g, gT);
     for (int i0 = 0; i0 < I;) {
@@ -287,9 +312,12 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, const float 
                 float blk[16];
                 ST(blk, c[2 * q]);
                 ST(blk + jb[s], c[2 * q + 1]);
-                size_t at = (size_t)(i0 + q) * O;
-                update_row(hi - lo[s], W + at + lo[s], V ? V + at + lo[s] : NULL,
-                           blk + (lo[s] - ja[s]), lr, m, wd);
+                size_t at = (size_t)(i0 + q) * O + lo[s];
+                if (G)
+                    add_row(hi - lo[s], G + at, blk + (lo[s] - ja[s]));
+                else
+                    update_row(hi - lo[s], W + at, V ? V + at : NULL, blk + (lo[s] - ja[s]), lr,
+                               m, wd);
             }
         }
         i0 += ni;
@@ -300,7 +328,10 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, const float 
         for (; j + 8 <= len; j += 8) ST(dx + j, (v8)((vi8)LD(dx + j) & (vi8)(LD(h + j) > bc(0.0f))));
         for (; j < len; j++) dx[j] = h[j] > 0.0f ? dx[j] : 0.0f;
     }
-    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
+    if (bias && G)
+        column_sums(n, O, g, G + (size_t)I * O);
+    else if (bias)
+        bias_update(n, O, g, bias, vb, lr, m, wd, row);
 }
 
 /* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
@@ -384,13 +415,31 @@ static int widest(int L, const int64_t *dims) {
     return w;
 }
 
-/* Floats of workspace sgdn_mlp_step needs for members of n rows: one member's activations
- * (every layer's output), two gradient buffers and two for their transposes, and a row of
- * scratch. */
-int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
+/* Rows per chunk of a member's batch of n rows: n itself up to CHUNK_ROWS, else the batch
+ * in equal chunks of at most CHUNK_ROWS (so none is short: every chunk has more than
+ * CHUNK_ROWS / 2 > FUSED_MAX_N rows and takes the blocked backward pass). */
+_Static_assert(CHUNK_ROWS / 2 >= FUSED_MAX_N, "chunks take the blocked backward pass");
+static int chunk_rows(int n) {
+    int chunks = (n + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    return (n + chunks - 1) / chunks;
+}
+
+/* Floats of the gradient buffer of a chunked step: every layer's weights and biases. */
+static int64_t grad_floats(int L, const int64_t *dims) {
     int64_t s = 0;
-    for (int l = 1; l <= L; l++) s += (int64_t)n * dims[l];
-    return s + 4 * (int64_t)n * widest(L, dims) + widest(L, dims);
+    for (int l = 0; l < L; l++) s += dims[l] * dims[l + 1] + dims[l + 1];
+    return s;
+}
+
+/* Floats of workspace sgdn_mlp_step needs for members of n rows: one chunk's activations
+ * (every layer's output), two gradient buffers and two for their transposes, and a row of
+ * scratch; for a batch in several chunks, the gradient buffer. */
+int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
+    int c = chunk_rows(n);
+    int64_t s = 0;
+    for (int l = 1; l <= L; l++) s += (int64_t)c * dims[l];
+    s += 4 * (int64_t)c * widest(L, dims) + widest(L, dims);
+    return c < n ? s + grad_floats(L, dims) : s;
 }
 
 /* One step of every member k: forward on its rows x[k] (n x I_0) with labels y[k], its
@@ -399,59 +448,80 @@ int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
 void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
                    float *const *V, float *const *vb, const float *x, const int64_t *y,
                    float *ws, const float *lrs, float m, float wd, float *losses) {
-    int C = (int)dims[L], wide = widest(L, dims);
+    int C = (int)dims[L], wide = widest(L, dims), c = chunk_rows(n), chunked = c < n;
     const float *ins[64]; /* each layer's input: x, then the hidden outputs */
     float *acts = ws, *at = ws;
-    for (int l = 1; l <= L; l++) at += (size_t)n * dims[l];
-    float *ga = at, *gb = ga + (size_t)n * wide, *gT = gb + (size_t)n * wide;
-    float *dxT = gT + (size_t)n * wide, *row = dxT + (size_t)n * wide;
+    for (int l = 1; l <= L; l++) at += (size_t)c * dims[l];
+    float *ga = at, *gb = ga + (size_t)c * wide, *gT = gb + (size_t)c * wide;
+    float *dxT = gT + (size_t)c * wide, *row = dxT + (size_t)c * wide;
+    float *G = chunked ? row + wide : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
+    for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
+        Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
+    float inv = 1.0f / (float)n;
     for (int k = 0; k < K; k++) {
-        const int64_t *yk = y + (size_t)k * n;
-        ins[0] = x + (size_t)k * n * dims[0];
-        float *out = acts;
-        for (int l = 0; l < L; l++) {
-            int I = (int)dims[l], O = (int)dims[l + 1];
-            const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-            linear_fwd(n, I, O, ins[l], W[l] + (size_t)k * I * O, bk, out, l < L - 1);
-            ins[l + 1] = out;
-            out += (size_t)n * O;
-        }
-        /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
-        const float *z = ins[L];
-        float total = 0.0f, inv = 1.0f / (float)n;
-        for (int r = 0; r < n; r++) {
-            const float *zr = z + (size_t)r * C;
-            float mx = zr[0];
-            for (int c = 1; c < C; c++) mx = zr[c] > mx ? zr[c] : mx;
-            float sum = 0.0f;
-            for (int c = 0; c < C; c++) sum += expf(zr[c] - mx);
-            float lse = mx + logf(sum);
-            total += lse - zr[yk[r]];
-            for (int c = 0; c < C; c++)
-                ga[(size_t)r * C + c] = (expf(zr[c] - lse) - (c == yk[r] ? 1.0f : 0.0f)) * inv;
-        }
-        losses[k] = total / (float)n;
-        float *g = ga, *spare = gb;
-        for (int l = L - 1; l >= 0; l--) {
-            int I = (int)dims[l], O = (int)dims[l + 1];
-            size_t wo = (size_t)k * I * O;
-            float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-            float *Vk = m != 0.0f ? V[l] + wo : NULL;
-            float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
-            if (n <= FUSED_MAX_N) {
-                linear_bwd_fused(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
-                                 lrs[k], m, wd, row);
-            } else if (O >= 8) {
-                linear_bwd_blocked(n, I, O, ins[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
-                                   l > 0 ? spare : NULL, lrs[k], m, wd, row);
-            } else {
-                linear_bwd_narrow(n, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, l > 0 ? spare : NULL,
-                                  lrs[k], m, wd, row);
+        float total = 0.0f;
+        if (G) memset(G, 0, (size_t)grad_floats(L, dims) * sizeof(float));
+        for (int r0 = 0; r0 < n; r0 += c) {
+            int nc = n - r0 < c ? n - r0 : c;
+            const int64_t *yk = y + (size_t)k * n + r0;
+            ins[0] = x + ((size_t)k * n + r0) * dims[0];
+            float *out = acts;
+            for (int l = 0; l < L; l++) {
+                int I = (int)dims[l], O = (int)dims[l + 1];
+                const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+                linear_fwd(nc, I, O, ins[l], W[l] + (size_t)k * I * O, bk, out, l < L - 1);
+                ins[l + 1] = out;
+                out += (size_t)nc * O;
             }
-            float *t = g;
-            g = spare;
-            spare = t;
+            /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
+            const float *z = ins[L];
+            for (int r = 0; r < nc; r++) {
+                const float *zr = z + (size_t)r * C;
+                float mx = zr[0];
+                for (int j = 1; j < C; j++) mx = zr[j] > mx ? zr[j] : mx;
+                float sum = 0.0f;
+                for (int j = 0; j < C; j++) sum += expf(zr[j] - mx);
+                float lse = mx + logf(sum);
+                total += lse - zr[yk[r]];
+                for (int j = 0; j < C; j++)
+                    ga[(size_t)r * C + j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
+            }
+            float *g = ga, *spare = gb;
+            for (int l = L - 1; l >= 0; l--) {
+                int I = (int)dims[l], O = (int)dims[l + 1];
+                size_t wo = (size_t)k * I * O;
+                float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+                float *Vk = m != 0.0f ? V[l] + wo : NULL;
+                float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
+                float *dx = l > 0 ? spare : NULL;
+                if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
+                    linear_bwd_fused(nc, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k], m,
+                                     wd, row);
+                else if (O >= 8)
+                    linear_bwd_blocked(nc, I, O, ins[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT, dx,
+                                       lrs[k], m, wd, row, Gl[l]);
+                else
+                    linear_bwd_narrow(nc, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k], m,
+                                      wd, row, Gl[l]);
+                float *t = g;
+                g = spare;
+                spare = t;
+            }
         }
+        if (G) /* the whole batch's gradient: now the update */
+            for (int l = 0; l < L; l++) {
+                int I = (int)dims[l], O = (int)dims[l + 1];
+                size_t wo = (size_t)k * I * O;
+                for (int i = 0; i < I; i++) {
+                    size_t at = wo + (size_t)i * O;
+                    update_row(O, W[l] + at, m != 0.0f ? V[l] + at : NULL, Gl[l] + (size_t)i * O,
+                               lrs[k], m, wd);
+                }
+                if (b[l])
+                    update_row(O, b[l] + (size_t)k * O, m != 0.0f ? vb[l] + (size_t)k * O : NULL,
+                               Gl[l] + (size_t)I * O, lrs[k], m, wd);
+            }
+        losses[k] = total / (float)n;
     }
 }
 
@@ -479,5 +549,50 @@ void sgdn_mlp_steps(int T, int K, int n, int L, const int64_t *dims, float *cons
         }
         sgdn_mlp_step(K, n, L, dims, W, b, V, vb, xb, yb, ws, lrs + (size_t)t * K, m, wd,
                       losses + (size_t)t * K);
+    }
+}
+
+/* Evaluation: every member on the same n examples x (n x I_0) with labels y, adding member
+ * k's summed cross-entropy into sums[2k] and its number of correct predictions (argmax of
+ * the logits, the first of equal ones; NaN counts as the largest, as in torch) into
+ * sums[2k + 1]. Member by member, so that its weights stay in L2 while the rows pass in
+ * chunks of EVAL_ROWS; each layer's output overwrites the one before the last (ws:
+ * sgdn_mlp_eval_ws_floats floats). */
+#define EVAL_ROWS 64
+int64_t sgdn_mlp_eval_ws_floats(int L, const int64_t *dims) {
+    return 2 * (int64_t)EVAL_ROWS * widest(L, dims);
+}
+
+void sgdn_mlp_eval(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
+                   const float *x, const int64_t *y, float *ws, double *sums) {
+    int C = (int)dims[L], wide = widest(L, dims);
+    float *buf[2] = {ws, ws + (size_t)EVAL_ROWS * wide};
+    for (int k = 0; k < K; k++) {
+        double loss = 0.0, correct = 0.0;
+        for (int r0 = 0; r0 < n; r0 += EVAL_ROWS) {
+            int nc = n - r0 < EVAL_ROWS ? n - r0 : EVAL_ROWS;
+            const float *in = x + (size_t)r0 * dims[0];
+            for (int l = 0; l < L; l++) {
+                int I = (int)dims[l], O = (int)dims[l + 1];
+                const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+                linear_fwd(nc, I, O, in, W[l] + (size_t)k * I * O, bk, buf[l % 2], l < L - 1);
+                in = buf[l % 2];
+            }
+            for (int r = 0; r < nc; r++) {
+                const float *zr = in + (size_t)r * C;
+                int best = 0;
+                float mx = zr[0];
+                for (int j = 1; j < C; j++) {
+                    if (isnan(zr[j]) ? !isnan(zr[best]) : zr[j] > zr[best]) best = j;
+                    mx = zr[j] > mx ? zr[j] : mx;
+                }
+                float sum = 0.0f;
+                for (int j = 0; j < C; j++) sum += expf(zr[j] - mx);
+                loss += (double)(mx + logf(sum) - zr[y[r0 + r]]);
+                correct += best == y[r0 + r];
+            }
+        }
+        sums[2 * k] += loss;
+        sums[2 * k + 1] += correct;
     }
 }
