@@ -71,8 +71,8 @@ MAX_PACK = {"cpu": 16, "cuda": 16}
 # activations stay in L2) and evaluates in chunks too. Above 2048, torch's unpacked step is
 # as fast: both are then the matrix products themselves. µs per example-step of the default
 # MLP, whole runs, two at once as in a sweep (`benchmarks/large_batch.py`), kernel vs torch:
-# B = 1024: 9.1 vs 9.7; 2048: 9.3-9.5 vs 9.6-10.7; 8000: 9.8-10.5 vs 9.4-9.8. (Unchunked, the
-# kernel stopped at 512: 1024 took 10,610 µs per step against torch's 8077.)
+# B = 512: 9.4-10.6 vs 12.1-14.2; 2048: 9.2-10.3 vs 9.6-11.1; 8000: 8.7-10.5 vs 9.4-11.0.
+# (Unchunked, the kernel stopped at 512: 1024 took 10,610 µs per step against torch's 8077.)
 NATIVE_MAX_BATCH = 2048
 # Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
 # weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
