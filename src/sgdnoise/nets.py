@@ -246,7 +246,8 @@ class StackedNet:
 
     @torch.no_grad()
     def evaluate(self, x: Any, y: torch.Tensor, autocast: Autocast) -> list[tuple[float, float]]:
-        """Every member on the same examples, in one batched pass per eval batch."""
+        """Every member on the same examples, in one batched pass per eval batch (through
+        the C kernel when the pack steps through it)."""
         K, n, bs = self.size, len(y), self.eval_batch
         if self.native is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
             sums = self.native.evaluate(x, y)
