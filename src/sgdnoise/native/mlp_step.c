@@ -409,6 +409,15 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, const float *g
     if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
 }
 
+/* log(sum_j exp(z_j)) of one row of C logits, shifted by its largest (NaN stays NaN). */
+static inline float log_sum_exp(int C, const float *z) {
+    float mx = z[0];
+    for (int j = 1; j < C; j++) mx = z[j] > mx ? z[j] : mx;
+    float sum = 0.0f;
+    for (int j = 0; j < C; j++) sum += expf(z[j] - mx);
+    return mx + logf(sum);
+}
+
 static int widest(int L, const int64_t *dims) {
     int w = 0;
     for (int l = 0; l <= L; l++) w = dims[l] > w ? (int)dims[l] : w;
@@ -477,11 +486,7 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
             const float *z = ins[L];
             for (int r = 0; r < nc; r++) {
                 const float *zr = z + (size_t)r * C;
-                float mx = zr[0];
-                for (int j = 1; j < C; j++) mx = zr[j] > mx ? zr[j] : mx;
-                float sum = 0.0f;
-                for (int j = 0; j < C; j++) sum += expf(zr[j] - mx);
-                float lse = mx + logf(sum);
+                float lse = log_sum_exp(C, zr);
                 total += lse - zr[yk[r]];
                 for (int j = 0; j < C; j++)
                     ga[(size_t)r * C + j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
@@ -581,14 +586,9 @@ void sgdn_mlp_eval(int K, int n, int L, const int64_t *dims, float *const *W, fl
             for (int r = 0; r < nc; r++) {
                 const float *zr = in + (size_t)r * C;
                 int best = 0;
-                float mx = zr[0];
-                for (int j = 1; j < C; j++) {
+                for (int j = 1; j < C; j++)
                     if (isnan(zr[j]) ? !isnan(zr[best]) : zr[j] > zr[best]) best = j;
-                    mx = zr[j] > mx ? zr[j] : mx;
-                }
-                float sum = 0.0f;
-                for (int j = 0; j < C; j++) sum += expf(zr[j] - mx);
-                loss += (double)(mx + logf(sum) - zr[y[r0 + r]]);
+                loss += (double)(log_sum_exp(C, zr) - zr[y[r0 + r]]);
                 correct += best == y[r0 + r];
             }
         }
