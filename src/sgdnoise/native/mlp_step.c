@@ -8,8 +8,9 @@
  * update run back to back while its weights are still in the caches; the products are
  * the register-blocked outer-product loop below (6 or 4 rows x 16 columns of
  * accumulators), the backward pass reads each row of weights once for the input gradient,
- * the weight gradient and the update, and the weight gradient is applied as it is
- * computed, never stored. sgdn_mlp_steps takes several steps per call.
+ * the weight gradient and the update, and the weight gradient is applied a block of 6 rows
+ * at a time, as soon as it is summed, never stored whole. sgdn_mlp_steps takes several
+ * steps per call.
  *
  * The math is that of sgdnoise.models.packed_mlp (and so of autograd and torch's fused
  * SGD): forward h_{l+1} = relu(h_l W_l + b_l), loss = mean over rows of
@@ -20,7 +21,7 @@
  *
  * Layouts (all float32, C-contiguous): W_l (K, I_l, O_l), b_l (K, O_l), the same for the
  * momentum buffers; x (K, n, I_0); y (K, n) int64. The workspace (sgdn_mlp_ws_floats)
- * holds one member's activations and gradients at a time.
+ * holds one member's activations and gradients at a time, in rows of `padded` length.
  */
 #include <math.h>
 #include <stddef.h>
@@ -112,15 +113,23 @@ static int strips(int O, int *ja, int *jb, int *lo) {
 #define CHUNK_ROWS 128
 #endif
 
-/* out (n x O) = h (n x I) W (I x O) + bias, then ReLU when `relu`. */
-static void linear_fwd(int n, int I, int O, const float *h, const float *W, const float *bias,
-                       float *out, int relu) {
+/* Row stride, in floats, of the workspace's buffers of O columns (activations, gradients and
+ * their transposes): from 64 columns on, a whole number of 64-byte lines that is odd, so
+ * that the rows of a column fall in different cache sets. With rows of 256 floats (1 KB), a
+ * column of 128 rows fell in 4 of L1's 64 sets, and the products that walk columns (the
+ * weight gradient, dx^T) and the forward pass's reads ran from L2. */
+static inline int padded(int O) { return O < 64 ? O : ((O + 15) / 16 * 16) | 16; }
+
+/* out (n x O, rows ldo apart) = h (n x I, rows ldh apart) W (I x O) + bias, then ReLU when
+ * `relu`. */
+static void linear_fwd(int n, int I, int O, const float *h, int ldh, const float *W,
+                       const float *bias, float *out, int ldo, int relu) {
     if (O < 8) { /* narrower than one vector: plain loops */
         for (int r = 0; r < n; r++)
             for (int j = 0; j < O; j++) {
                 float a = bias ? bias[j] : 0.0f;
-                for (int i = 0; i < I; i++) a += h[(size_t)r * I + i] * W[(size_t)i * O + j];
-                out[(size_t)r * O + j] = relu && a < 0.0f ? 0.0f : a;
+                for (int i = 0; i < I; i++) a += h[(size_t)r * ldh + i] * W[(size_t)i * O + j];
+                out[(size_t)r * ldo + j] = relu && a < 0.0f ? 0.0f : a;
             }
         return;
     }
@@ -134,13 +143,13 @@ static void linear_fwd(int n, int I, int O, const float *h, const float *W, cons
             const float *a[6];
             v8 c[12];
             for (int m = 0; m < mr; m++) {
-                a[m] = h + (size_t)(r0 + (m < nr ? m : nr - 1)) * I;
+                a[m] = h + (size_t)(r0 + (m < nr ? m : nr - 1)) * ldh;
                 c[2 * m] = b0;
                 c[2 * m + 1] = b1;
             }
             kernel(mr, I, a, 1, W + ja[s], O, jb[s], c);
             for (int m = 0; m < nr; m++) {
-                float *o = out + (size_t)(r0 + m) * O + ja[s];
+                float *o = out + (size_t)(r0 + m) * ldo + ja[s];
                 ST(o, relu ? relu8(c[2 * m]) : c[2 * m]);
                 ST(o + jb[s], relu ? relu8(c[2 * m + 1]) : c[2 * m + 1]);
             }
@@ -173,10 +182,10 @@ static inline void update_row(int len, float *p, float *v, const float *gr, floa
     }
 }
 
-/* gb (O) += g's column sums. */
+/* gb (O) += the column sums of g (n x O, a workspace buffer: rows padded(O) apart). */
 static void column_sums(int n, int O, const float *g, float *gb) {
     for (int r = 0; r < n; r++)
-        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * O + j];
+        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * padded(O) + j];
 }
 
 /* The bias's step: its gradient is g's column sums (gb: O floats of scratch). */
@@ -199,21 +208,21 @@ static inline void add_row(int len, float *G, const float *gr) {
  * with the weight gradient h^T g, then the bias. With a gradient buffer G (I x O, then the
  * bias's O), the weight and bias gradients are added into it instead (a chunk of a larger
  * batch). gb: O floats of scratch. */
-static void linear_bwd_narrow(int n, int I, int O, const float *h, const float *g, float *W,
-                              float *V, float *bias, float *vb, float *dx, float lr, float m,
-                              float wd, float *gb, float *G) {
+static void linear_bwd_narrow(int n, int I, int O, const float *h, int ldh, const float *g,
+                              float *W, float *V, float *bias, float *vb, float *dx, float lr,
+                              float m, float wd, float *gb, float *G) {
+    int ldg = padded(O), ldx = padded(I);
     if (dx)
         for (int r = 0; r < n; r++)
             for (int i = 0; i < I; i++) {
                 float a = 0.0f;
-                for (int j = 0; j < O; j++) a += g[(size_t)r * O + j] * W[(size_t)i * O + j];
-                size_t at = (size_t)r * I + i;
-                dx[at] = h[at] > 0.0f ? a : 0.0f;
+                for (int j = 0; j < O; j++) a += g[(size_t)r * ldg + j] * W[(size_t)i * O + j];
+                dx[(size_t)r * ldx + i] = h[(size_t)r * ldh + i] > 0.0f ? a : 0.0f;
             }
     for (int i = 0; i < I; i++) {
         for (int j = 0; j < O; j++) {
             float a = 0.0f;
-            for (int r = 0; r < n; r++) a += h[(size_t)r * I + i] * g[(size_t)r * O + j];
+            for (int r = 0; r < n; r++) a += h[(size_t)r * ldh + i] * g[(size_t)r * ldg + j];
             gb[j] = a;
         }
         if (G)
@@ -227,17 +236,18 @@ static void linear_bwd_narrow(int n, int I, int O, const float *h, const float *
         bias_update(n, O, g, bias, vb, lr, m, wd, gb);
 }
 
-/* dst (cols x rows) = src (rows x cols) transposed; 8 x 8 tiles in registers where AVX is. */
-static void transpose(int rows, int cols, const float *src, float *dst) {
+/* dst (cols x rows, rows ldd apart) = src (rows x cols, rows lds apart) transposed; 8 x 8
+ * tiles in registers where AVX is. */
+static void transpose(int rows, int cols, const float *src, int lds, float *dst, int ldd) {
     int r8 = 0, c8 = 0;
 #if defined(__AVX__)
     r8 = rows - rows % 8;
     c8 = cols - cols % 8;
     for (int r0 = 0; r0 < r8; r0 += 8)
         for (int c0 = 0; c0 < c8; c0 += 8) {
-            const float *s0 = src + (size_t)r0 * cols + c0;
+            const float *s0 = src + (size_t)r0 * lds + c0;
             __m256 r[8], t[8], u[8];
-            for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(s0 + (size_t)q * cols);
+            for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(s0 + (size_t)q * lds);
             for (int q = 0; q < 8; q += 2) {
                 t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
                 t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
@@ -248,36 +258,37 @@ static void transpose(int rows, int cols, const float *src, float *dst) {
                 u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0x44);
                 u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0xEE);
             }
-            float *d0 = dst + (size_t)c0 * rows + r0;
+            float *d0 = dst + (size_t)c0 * ldd + r0;
             for (int q = 0; q < 4; q++) {
-                _mm256_storeu_ps(d0 + (size_t)q * rows, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
-                _mm256_storeu_ps(d0 + (size_t)(q + 4) * rows,
+                _mm256_storeu_ps(d0 + (size_t)q * ldd, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+                _mm256_storeu_ps(d0 + (size_t)(q + 4) * ldd,
                                  _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
             }
         }
 #endif
     /* The edges (everything without AVX): the columns right of the tiles, then the rows below. */
     for (int r = 0; r < r8; r++)
-        for (int c = c8; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+        for (int c = c8; c < cols; c++) dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
     for (int r = r8; r < rows; r++)
-        for (int c = 0; c < cols; c++) dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
+        for (int c = 0; c < cols; c++) dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
 }
 
 /* The backward pass and update of one layer for more rows (n > FUSED_MAX_N, O >= 8), a
  * block of 6 (or 4) rows of W at a time, so that each row of W is read from memory once
  * and both products run in the register-blocked micro-kernel: the block's rows of
  * dx^T = W g^T (with the weights before the update; g^T in gT), then its rows of the weight
- * gradient h^T g, applied strip by strip as they are summed. When dx is given (dxT: I x n
- * floats of scratch), dx = (dx^T)^T where h > 0, else 0. Then the bias. With a gradient
+ * gradient h^T g, strip by strip, then those rows' update. When dx is given (dxT: I rows of
+ * scratch), dx = (dx^T)^T where h > 0, else 0. Then the bias. With a gradient
  * buffer G (I x O, then the bias's O), the weight and bias gradients are added into it
- * instead of updating (a chunk of a larger batch). row: O floats. */
-static void linear_bwd_blocked(int n, int I, int O, const float *h, const float *g, float *gT,
-                               float *W, float *V, float *bias, float *vb, float *dxT,
-                               float *dx, float lr, float m, float wd, float *row, float *G) {
+ * instead of updating (a chunk of a larger batch). rows: 6 x O floats of scratch. */
+static void linear_bwd_blocked(int n, int I, int O, const float *h, int ldh, const float *g,
+                               float *gT, float *W, float *V, float *bias, float *vb, float *dxT,
+                               float *dx, float lr, float m, float wd, float *rows, float *G) {
     int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS], ra[MAX_STRIPS], rb[MAX_STRIPS];
     int rlo[MAX_STRIPS]; /* n <= CHUNK_ROWS */
     int ns = strips(O, ja, jb, lo), nr = strips(n, ra, rb, rlo);
-    if (dx) transpose(n, O, g, gT);
+    int ldg = padded(O), ldx = padded(I), ldt = padded(n);
+    if (dx) transpose(n, O, g, ldg, gT, ldt);
     for (int i0 = 0; i0 < I;) {
         int mr = block_rows(I - i0), ni = I - i0 < mr ? I - i0 : mr;
         const float *a[6];
@@ -286,52 +297,60 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, const float 
             for (int q = 0; q < mr; q++) a[q] = W + (size_t)(i0 + (q < ni ? q : ni - 1)) * O;
             for (int s = 0; s < nr; s++) {
                 for (int q = 0; q < 2 * mr; q++) c[q] = bc(0.0f);
-                kernel(mr, O, a, 1, gT + ra[s], n, rb[s], c);
+                kernel(mr, O, a, 1, gT + ra[s], ldt, rb[s], c);
                 for (int q = 0; q < ni; q++) {
-                    float *d = dxT + (size_t)(i0 + q) * n + ra[s];
+                    float *d = dxT + (size_t)(i0 + q) * ldt + ra[s];
                     ST(d, c[2 * q]);
                     ST(d + rb[s], c[2 * q + 1]);
                 }
             }
         }
         for (int q = 0; q < mr; q++) {
-            a[q] = h + i0 + (q < ni ? q : ni - 1); /* column i of h: stride I */
+            a[q] = h + i0 + (q < ni ? q : ni - 1); /* column i of h: stride ldh */
         }
         for (int s = 0; s < ns; s++) {
-            int hi = ja[s] + jb[s] + 8; /* this strip's columns: [lo, hi) are new */
             for (int q = 0; q < 2 * mr; q++) c[q] = bc(0.0f);
-            kernel(mr, n, a, I, g + ja[s], O, jb[s], c);
-            /* The next block's weights and momentum, a line per row and strip: a pack's
-             * members do not fit in L2, and these rows come from L3 (8 % at n = 64). */
-            for (int q = 0; q < 6 && i0 + ni + q < I; q++) {
-                size_t at = (size_t)(i0 + ni + q) * O + ja[s];
+            kernel(mr, n, a, ldh, g + ja[s], ldg, jb[s], c);
+            /* This block's weights and momentum, a line per row and strip, for the update
+             * after the last strip: a pack's members do not fit in L2, and these rows come
+             * from L3. */
+            for (int q = 0; q < ni; q++) {
+                size_t at = (size_t)(i0 + q) * O + ja[s];
                 __builtin_prefetch(W + at, 1, 3);
                 if (V) __builtin_prefetch(V + at, 1, 3);
             }
             for (int q = 0; q < ni; q++) {
-                float blk[16];
-                ST(blk, c[2 * q]);
-                ST(blk + jb[s], c[2 * q + 1]);
-                size_t at = (size_t)(i0 + q) * O + lo[s];
-                if (G)
-                    add_row(hi - lo[s], G + at, blk + (lo[s] - ja[s]));
-                else
-                    update_row(hi - lo[s], W + at, V ? V + at : NULL, blk + (lo[s] - ja[s]), lr,
-                               m, wd);
+                ST(rows + (size_t)q * O + ja[s], c[2 * q]);
+                ST(rows + (size_t)q * O + ja[s] + jb[s], c[2 * q + 1]);
             }
+        }
+        /* The block's whole rows of the weight gradient: each row of W and V takes its
+         * step in one sequential pass (in 16-column pieces between the strips, 12 scattered
+         * lines at a time, the update ran at a third of the speed of the products). */
+        for (int q = 0; q < ni; q++) {
+            size_t at = (size_t)(i0 + q) * O;
+            if (G)
+                add_row(O, G + at, rows + (size_t)q * O);
+            else
+                update_row(O, W + at, V ? V + at : NULL, rows + (size_t)q * O, lr, m, wd);
         }
         i0 += ni;
     }
     if (dx) {
-        transpose(I, n, dxT, dx);
-        size_t len = (size_t)n * I, j = 0;
-        for (; j + 8 <= len; j += 8) ST(dx + j, (v8)((vi8)LD(dx + j) & (vi8)(LD(h + j) > bc(0.0f))));
-        for (; j < len; j++) dx[j] = h[j] > 0.0f ? dx[j] : 0.0f;
+        transpose(I, n, dxT, ldt, dx, ldx);
+        for (int r = 0; r < n; r++) {
+            float *d = dx + (size_t)r * ldx;
+            const float *hr = h + (size_t)r * ldh;
+            int j = 0;
+            for (; j + 8 <= I; j += 8)
+                ST(d + j, (v8)((vi8)LD(d + j) & (vi8)(LD(hr + j) > bc(0.0f))));
+            for (; j < I; j++) d[j] = hr[j] > 0.0f ? d[j] : 0.0f;
+        }
     }
     if (bias && G)
         column_sums(n, O, g, G + (size_t)I * O);
     else if (bias)
-        bias_update(n, O, g, bias, vb, lr, m, wd, row);
+        bias_update(n, O, g, bias, vb, lr, m, wd, rows);
 }
 
 /* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
@@ -342,23 +361,23 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, const float 
  * memory: its input gradient, weight gradient and update are computed while it is in L1
  * (rows of h and g in blocks of 4; the weight gradient is carried between blocks in `row`
  * and the update is made in the last block). */
-static void linear_bwd_fused(int n, int I, int O, const float *h, const float *g, float *W,
-                              float *V, float *bias, float *vb, float *dx, float lr, float m,
-                              float wd, float *row) {
-    int O8 = O - O % 8;
+static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const float *g,
+                             float *W, float *V, float *bias, float *vb, float *dx, float lr,
+                             float m, float wd, float *row) {
+    int O8 = O - O % 8, ldg = padded(O), ldx = padded(I);
     v8 vm = bc(m), vwd = bc(wd), vlr = bc(lr);
     for (int i = 0; i < I; i++) {
         float *w = W + (size_t)i * O, *v = V ? V + (size_t)i * O : NULL;
         for (int r0 = 0; r0 < n; r0 += 4) {
             int nr = n - r0 < 4 ? n - r0 : 4, last = r0 + 4 >= n;
-            const float *g0 = g + (size_t)r0 * O;
-            const float *g1 = nr > 1 ? g0 + O : g0, *g2 = nr > 2 ? g0 + 2 * O : g0;
-            const float *g3 = nr > 3 ? g0 + 3 * O : g0;
+            const float *g0 = g + (size_t)r0 * ldg;
+            const float *g1 = nr > 1 ? g0 + ldg : g0, *g2 = nr > 2 ? g0 + 2 * ldg : g0;
+            const float *g3 = nr > 3 ? g0 + 3 * ldg : g0;
             /* Rows beyond n count with weight 0 in the weight gradient. */
-            float x0 = h[(size_t)r0 * I + i];
-            float x1 = nr > 1 ? h[(size_t)(r0 + 1) * I + i] : 0.0f;
-            float x2 = nr > 2 ? h[(size_t)(r0 + 2) * I + i] : 0.0f;
-            float x3 = nr > 3 ? h[(size_t)(r0 + 3) * I + i] : 0.0f;
+            float x0 = h[(size_t)r0 * ldh + i];
+            float x1 = nr > 1 ? h[(size_t)(r0 + 1) * ldh + i] : 0.0f;
+            float x2 = nr > 2 ? h[(size_t)(r0 + 2) * ldh + i] : 0.0f;
+            float x3 = nr > 3 ? h[(size_t)(r0 + 3) * ldh + i] : 0.0f;
             v8 c0 = bc(x0), c1 = bc(x1), c2 = bc(x2), c3 = bc(x3);
             v8 d0 = bc(0.0f), d1 = d0, d2 = d0, d3 = d0;
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
@@ -400,8 +419,8 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, const float *g
             if (dx) {
                 float s[4] = {hsum(d0) + s0, hsum(d1) + s1, hsum(d2) + s2, hsum(d3) + s3};
                 for (int r = 0; r < nr; r++) {
-                    size_t at = (size_t)(r0 + r) * I + i;
-                    dx[at] = h[at] > 0.0f ? s[r] : 0.0f;
+                    float x = h[(size_t)(r0 + r) * ldh + i];
+                    dx[(size_t)(r0 + r) * ldx + i] = x > 0.0f ? s[r] : 0.0f;
                 }
             }
         }
@@ -441,13 +460,13 @@ static int64_t grad_floats(int L, const int64_t *dims) {
 }
 
 /* Floats of workspace sgdn_mlp_step needs for members of n rows: one chunk's activations
- * (every layer's output), two gradient buffers and two for their transposes, and a row of
- * scratch; for a batch in several chunks, the gradient buffer. */
+ * (every layer's output), two gradient buffers and two for their transposes (rows padded),
+ * and 6 rows of scratch; for a batch in several chunks, the gradient buffer. */
 int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
-    int c = chunk_rows(n);
+    int c = chunk_rows(n), wide = widest(L, dims);
     int64_t s = 0;
-    for (int l = 1; l <= L; l++) s += (int64_t)c * dims[l];
-    s += 4 * (int64_t)c * widest(L, dims) + widest(L, dims);
+    for (int l = 1; l <= L; l++) s += (int64_t)c * padded((int)dims[l]);
+    s += 2 * (int64_t)c * padded(wide) + 2 * (int64_t)wide * padded(c) + 6 * wide;
     return c < n ? s + grad_floats(L, dims) : s;
 }
 
@@ -458,12 +477,15 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
                    float *const *V, float *const *vb, const float *x, const int64_t *y,
                    float *ws, const float *lrs, float m, float wd, float *losses) {
     int C = (int)dims[L], wide = widest(L, dims), c = chunk_rows(n), chunked = c < n;
-    const float *ins[64]; /* each layer's input: x, then the hidden outputs */
+    const float *ins[64]; /* each layer's input: x, then the hidden outputs (padded rows) */
+    int ld[64];           /* their row strides */
+    ld[0] = (int)dims[0];
+    for (int l = 1; l <= L; l++) ld[l] = padded((int)dims[l]);
     float *acts = ws, *at = ws;
-    for (int l = 1; l <= L; l++) at += (size_t)c * dims[l];
-    float *ga = at, *gb = ga + (size_t)c * wide, *gT = gb + (size_t)c * wide;
-    float *dxT = gT + (size_t)c * wide, *row = dxT + (size_t)c * wide;
-    float *G = chunked ? row + wide : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
+    for (int l = 1; l <= L; l++) at += (size_t)c * ld[l];
+    float *ga = at, *gb = ga + (size_t)c * padded(wide), *gT = gb + (size_t)c * padded(wide);
+    float *dxT = gT + (size_t)wide * padded(c), *row = dxT + (size_t)wide * padded(c);
+    float *G = chunked ? row + 6 * wide : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
         Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
     float inv = 1.0f / (float)n;
@@ -478,18 +500,20 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
             for (int l = 0; l < L; l++) {
                 int I = (int)dims[l], O = (int)dims[l + 1];
                 const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-                linear_fwd(nc, I, O, ins[l], W[l] + (size_t)k * I * O, bk, out, l < L - 1);
+                linear_fwd(nc, I, O, ins[l], ld[l], W[l] + (size_t)k * I * O, bk, out, ld[l + 1],
+                           l < L - 1);
                 ins[l + 1] = out;
-                out += (size_t)nc * O;
+                out += (size_t)nc * ld[l + 1];
             }
             /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
             const float *z = ins[L];
             for (int r = 0; r < nc; r++) {
-                const float *zr = z + (size_t)r * C;
+                const float *zr = z + (size_t)r * ld[L];
                 float lse = log_sum_exp(C, zr);
                 total += lse - zr[yk[r]];
+                float *gr = ga + (size_t)r * ld[L];
                 for (int j = 0; j < C; j++)
-                    ga[(size_t)r * C + j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
+                    gr[j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
             }
             float *g = ga, *spare = gb;
             for (int l = L - 1; l >= 0; l--) {
@@ -500,14 +524,14 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
                 float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
                 float *dx = l > 0 ? spare : NULL;
                 if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
-                    linear_bwd_fused(nc, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k], m,
-                                     wd, row);
+                    linear_bwd_fused(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k],
+                                     m, wd, row);
                 else if (O >= 8)
-                    linear_bwd_blocked(nc, I, O, ins[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT, dx,
-                                       lrs[k], m, wd, row, Gl[l]);
+                    linear_bwd_blocked(nc, I, O, ins[l], ld[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
+                                       dx, lrs[k], m, wd, row, Gl[l]);
                 else
-                    linear_bwd_narrow(nc, I, O, ins[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k], m,
-                                      wd, row, Gl[l]);
+                    linear_bwd_narrow(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx,
+                                      lrs[k], m, wd, row, Gl[l]);
                 float *t = g;
                 g = spare;
                 spare = t;
@@ -565,26 +589,29 @@ void sgdn_mlp_steps(int T, int K, int n, int L, const int64_t *dims, float *cons
  * sgdn_mlp_eval_ws_floats floats). */
 #define EVAL_ROWS 64
 int64_t sgdn_mlp_eval_ws_floats(int L, const int64_t *dims) {
-    return 2 * (int64_t)EVAL_ROWS * widest(L, dims);
+    return 2 * (int64_t)EVAL_ROWS * padded(widest(L, dims));
 }
 
 void sgdn_mlp_eval(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
                    const float *x, const int64_t *y, float *ws, double *sums) {
-    int C = (int)dims[L], wide = widest(L, dims);
+    int C = (int)dims[L], wide = padded(widest(L, dims));
     float *buf[2] = {ws, ws + (size_t)EVAL_ROWS * wide};
     for (int k = 0; k < K; k++) {
         double loss = 0.0, correct = 0.0;
         for (int r0 = 0; r0 < n; r0 += EVAL_ROWS) {
             int nc = n - r0 < EVAL_ROWS ? n - r0 : EVAL_ROWS;
             const float *in = x + (size_t)r0 * dims[0];
+            int ldin = (int)dims[0];
             for (int l = 0; l < L; l++) {
                 int I = (int)dims[l], O = (int)dims[l + 1];
                 const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-                linear_fwd(nc, I, O, in, W[l] + (size_t)k * I * O, bk, buf[l % 2], l < L - 1);
+                linear_fwd(nc, I, O, in, ldin, W[l] + (size_t)k * I * O, bk, buf[l % 2], padded(O),
+                           l < L - 1);
                 in = buf[l % 2];
+                ldin = padded(O);
             }
             for (int r = 0; r < nc; r++) {
-                const float *zr = in + (size_t)r * C;
+                const float *zr = in + (size_t)r * ldin;
                 int best = 0;
                 for (int j = 1; j < C; j++)
                     if (isnan(zr[j]) ? !isnan(zr[best]) : zr[j] > zr[best]) best = j;
