@@ -8,7 +8,7 @@ examples (at least 40 steps) and evaluates as the study's runs do (11 times). Tw
 the same path at once, as a sweep's two workers do (they share the L3 cache), and the paths
 alternate round by round (this machine's speed drifts). Printed: µs per example-step of each
 process (everything the run does, evaluations included, over its steps × B), per path and
-round. `pack.NATIVE_MAX_BATCH` is where the kernel stops paying.
+round: where the kernel would stop paying.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import sgdnoise.pack as pack
 keep_freed_memory()
 torch.set_num_threads(1)
 path, B, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-pack.NATIVE_MAX_BATCH = 1 << 30 if path == "kernel" else 0
+if path == "torch":
+    pack.native_step = lambda cfg, on_gpu: False
 steps = max(40, 200_000 // B)
 cfg = from_dict({"train": {"batch_size": B, "lr_eff": 2.0, "threads": 1,
                            "budget": {"unit": "steps", "value": steps}}})

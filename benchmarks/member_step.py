@@ -11,8 +11,8 @@ The default MLP (40-256-256-10) on MNIST-1D-shaped data, one thread, the trainin
 (batch gather, forward, loss, backward, update; no evaluation, no tracking): µs per member
 step unpacked (the model and `HeavyBall`, as `train()` runs it) and packed (`StackedNet`,
 as a pack runs it: by default the kernel a sweep picks, the C kernel of
-sgdnoise.models.native_mlp at B <= pack.NATIVE_MAX_BATCH and the hand-written torch step of
-sgdnoise.models.packed_mlp above; `--kernel` picks one, `autograd` the packed model through
+sgdnoise.models.native_mlp (the hand-written torch step of sgdnoise.models.packed_mlp where
+the kernel cannot be built); `--kernel` picks one, `autograd` the packed model through
 autograd), and each as a multiple of the time its FLOPs (6 per parameter per example) take
 at the fp32 matrix-multiply peak of one thread, measured here. The comparisons interleave
 the two kernels and give the median of 5 rounds' time ratios.
@@ -34,7 +34,6 @@ from sgdnoise.config import from_dict
 from sgdnoise.models.build import build_model
 from sgdnoise.nets import StackedNet
 from sgdnoise.optim import make_optimizer
-from sgdnoise.pack import NATIVE_MAX_BATCH
 
 N = 8000
 PARAMS = 40 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10  # the default MLP
@@ -68,10 +67,10 @@ def packed_step(B: int, K: int, X: torch.Tensor, Y: torch.Tensor, kernel: str):
     cfg = from_dict({})
     template = build_model(cfg.model, (40,), 10)
     states = [build_model(cfg.model, (40,), 10).state_dict() for _ in range(K)]
-    native = kernel == "native" or (kernel == "auto" and B <= NATIVE_MAX_BATCH)
+    native = kernel in ("native", "auto")
     net = StackedNet(template, states, [None] * K, 0.9, 5e-4, "classification", 2048,
                      native=native)  # fmt: skip
-    if native and net.kernel != "native":
+    if kernel == "native" and net.kernel != "native":
         raise SystemExit("the C kernel could not be built here")
     if kernel == "autograd":
         net.by_hand = None

@@ -66,14 +66,13 @@ def pack_key(cfg: Config) -> str:
 # here; benchmarks/gpu.sh measures it).
 PACK_FLOPS = {"cpu": (25e6, 100e6), "cuda": (1e11, 1e12)}
 MAX_PACK = {"cpu": 16, "cuda": 16}
-# Packs of plain MLPs on the CPU at B <= this step through the C kernel of
-# sgdnoise.models.native_mlp, which runs a member's batch in chunks of 128 rows (their
-# activations stay in L2) and evaluates in chunks too. Above 2048, torch's unpacked step is
-# as fast: both are then the matrix products themselves. µs per example-step of the default
-# MLP, whole runs, two at once as in a sweep (`benchmarks/large_batch.py`), kernel vs torch:
-# B = 512: 9.4-10.6 vs 12.1-14.2; 2048: 9.2-10.3 vs 9.6-11.1; 8000: 8.7-10.5 vs 9.4-11.0.
-# (Unchunked, the kernel stopped at 512: 1024 took 10,610 µs per step against torch's 8077.)
-NATIVE_MAX_BATCH = 2048
+# Packs of plain MLPs on the CPU step through the C kernel of sgdnoise.models.native_mlp at
+# every B: it runs a member's batch in chunks of 128 rows (their activations stay in L2) and
+# evaluates in chunks too. µs per example-step of the default MLP, whole runs, two at once as
+# in a sweep (`benchmarks/large_batch.py`), the ranges of three rounds, kernel vs torch's
+# unpacked step: B = 2048: 9.1-10.4 vs 10.1-12.1; 4096: 7.8-10.0 vs 9.8-11.5; 8000: 8.6-9.9
+# vs 9.0-11.3. (Unchunked, the kernel stopped paying at 512; before its rows were padded
+# and its update ran by whole rows, it stopped at 2048.)
 # Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
 # weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
 # the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at
@@ -87,10 +86,8 @@ NATIVE_PACK_FLOPS = 200e6
 def native_step(cfg: Config, on_gpu: bool) -> bool:
     """Whether packs of cfg's runs step through the C kernel when their model is a plain
     MLP in fp32 (StackedNet checks the model, and that the kernel could be built): on the
-    CPU, one micro-batch per step (the kernel fuses the backward pass with the update), at
-    most NATIVE_MAX_BATCH examples."""
-    return (not on_gpu and accumulation_steps(cfg, 1) == 1
-            and cfg.train.batch_size <= NATIVE_MAX_BATCH)  # fmt: skip
+    CPU, one micro-batch per step (the kernel fuses the backward pass with the update)."""
+    return not on_gpu and accumulation_steps(cfg, 1) == 1
 
 
 def _on_gpu(cfg: Config) -> bool:
@@ -100,8 +97,8 @@ def _on_gpu(cfg: Config) -> bool:
 def native_mlp_runs(cfg: Config) -> bool:
     """Whether cfg's runs, in a pack, step through the C kernel: a plain MLP in fp32 under
     `native_step`'s conditions, where the kernel could be built. Its step is faster than
-    torch's packed or unpacked one (NATIVE_MAX_BATCH), so a run without pack mates in a
-    sweep trains as a pack of one (unless `train.pack: 1`)."""
+    torch's packed or unpacked one at every B measured (4 to 8000), so a run without pack
+    mates in a sweep trains as a pack of one (unless `train.pack: 1`)."""
     return (cfg.model.name == "mlp" and cfg.model.norm == "none"
             and cfg.train.precision == "fp32" and native_step(cfg, _on_gpu(cfg))
             and native_mlp.library() is not None)  # fmt: skip

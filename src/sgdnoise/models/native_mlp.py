@@ -6,8 +6,8 @@ momentum and update then stream every weight through memory three more times. Th
 runs a member's forward pass, backward pass and update back to back while its weights are
 in the caches, multiplies with register-blocked loops, applies the weight gradient block by
 block as it is summed (never storing it), and takes the whole pack's step in one call
-instead of some thirty torch operations. Larger batches (up to pack.NATIVE_MAX_BATCH) run
-in chunks of rows whose activations stay in L2, and a pack's evaluations run in C as well.
+instead of some thirty torch operations. Larger batches run in chunks of rows whose
+activations stay in L2, and a pack's evaluations run in C as well.
 `benchmarks/member_step.py --compare-native` measures it against the torch path,
 `--kernel-only` against the CPU's peak, `benchmarks/large_batch.py` whole large-batch runs.
 
