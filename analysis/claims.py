@@ -804,7 +804,11 @@ def _steps_part(g: pd.DataFrame, metric: str, direction: str) -> tuple[str, str,
     if drop <= tol:
         return FAILS, f"{acc}: no loss of test accuracy; {loss}", nums
     if tl_large <= tl_best + tl_tol:
-        return HOLDS, f"{acc}; {loss} (lower or equal)", nums
+        return (
+            HOLDS,
+            f"{acc}; {loss} (lower or equal: within {tl_tol:.4g}, the seeds' spread)",
+            nums,
+        )
     # The largest B also trains worse: the test drop may be under-training, not a
     # generalization gap, so the data cannot separate the two.
     return UNKNOWN, f"{acc}, but {loss} is higher: not a generalization gap alone", nums
