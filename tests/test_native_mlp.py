@@ -89,6 +89,7 @@ def assert_close(a: StackedNet, b: StackedNet) -> None:
         ({"depth": 1, "width": 6}, 9),
         ({}, 300),
         ({"depth": 1, "width": 6}, 257),
+        ({"depth": 2, "width": 100}, 70),
     ],
     ids=[
         "default-B4",
@@ -100,6 +101,7 @@ def assert_close(a: StackedNet, b: StackedNet) -> None:
         "thin-B9",
         "default-B300-chunks",
         "thin-B257-chunks",
+        "padded-B70",  # the kernel's buffers in rows of 112 and 80 floats
     ],  # fmt: skip
 )
 @pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "sgd"])
@@ -204,3 +206,26 @@ def test_disabled_or_without_a_compiler_the_python_paths_run(
     assert out.stdout.splitlines()[0] == "native native" and not out.stderr
     built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert built == ["mlp_step", "nqm"]
+
+
+def test_the_kernel_comparison_tells_the_same_bits_from_other_bits(tmp_path: Path) -> None:
+    """benchmarks/kernel_ab.py vouches that a change to the kernel keeps its arithmetic: the
+    same source gives the same bits; chunks of 64 rows instead of 128 (another summation
+    order from 65 rows on) do not."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("kernel_ab", path)
+    assert spec and spec.loader
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    source = (Path(__file__).parents[1] / kernel_ab.SOURCE).read_text()
+    assert source.count("#define CHUNK_ROWS 128") == 1
+    a = kernel_ab.build(source, tmp_path / "a.so")
+    b = kernel_ab.build(source, tmp_path / "b.so")
+    c = kernel_ab.build(source.replace("#define CHUNK_ROWS 128", "#define CHUNK_ROWS 64"),
+                        tmp_path / "c.so")  # fmt: skip
+    assert kernel_ab.same_bits(a, b)
+    assert not kernel_ab.same_bits(a, c)
+    times = kernel_ab.timing([a, b], 4, 2, 1)
+    assert len(times) == 2 and all(t > 0 for t in times)

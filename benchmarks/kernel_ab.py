@@ -1,0 +1,149 @@
+"""The MLP step's C kernel of a git revision against the working tree's: the same bits, and
+how fast.
+
+    python benchmarks/kernel_ab.py --base 048430f                   # B = 4 ... 1024, packs of 8
+    python benchmarks/kernel_ab.py --base HEAD~1 --batch-sizes 4 128 --rounds 7
+
+Both sources of src/sgdnoise/native/mlp_step.c (`git show <base>:...` and the file on disk)
+are compiled with the flags sgdnoise uses and loaded side by side. First, the bits: a few
+steps of heavy ball and of plain SGD, then an evaluation, on several layer shapes and batch
+sizes (the one-pass backward, the blocked one, chunked batches, padded rows), each output
+compared with torch.equal; a kernel change that is meant to keep the arithmetic must print
+"same bits" everywhere. Then the speed: sgdn_mlp_step of a pack of the default MLP
+(40-256-256-10), one thread, the two kernels alternating round by round (this machine's
+speed drifts); printed, per B, the best round of each in µs per example-step and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgdnoise.native import CONTRACT, FLAGS, HERE, SIGNATURES
+
+SOURCE = "src/sgdnoise/native/mlp_step.c"
+DIMS = (40, 256, 256, 10)
+# (layer widths, batch sizes): every backward path and buffer layout the kernel has.
+SHAPES = [
+    (DIMS, (1, 4, 8, 9, 40, 64, 128, 129, 300)),
+    ((256, 100, 64, 10), (4, 13, 70, 200)),
+    ((784, 96, 7, 3), (5, 40, 257)),
+]
+
+
+def build(source: str, out: Path) -> Any:
+    src = out.with_suffix(".c")
+    src.write_text(source)
+    subprocess.run(["cc", *FLAGS, CONTRACT["mlp_step"], "-o", str(out), str(src), "-lm"],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    lib = ctypes.CDLL(str(out))
+    for fn, (argtypes, restype) in SIGNATURES["mlp_step"].items():
+        getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
+    return lib
+
+
+class Pack:
+    """K members' parameters, momentum and a batch, as the kernel takes them."""
+
+    def __init__(self, dims: tuple[int, ...], K: int, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        pairs = list(zip(dims[:-1], dims[1:], strict=True))
+        self.dims, self.K, self.n = dims, K, n
+        self.W = [torch.randn(K, i, o, generator=g) / i**0.5 for i, o in pairs]
+        self.b = [torch.randn(K, o, generator=g) * 0.1 for _, o in pairs]
+        self.V = [torch.zeros_like(w) for w in self.W]
+        self.vb = [torch.zeros_like(b) for b in self.b]
+        self.x = torch.randn(K * n, dims[0], generator=g)
+        self.y = torch.randint(0, dims[-1], (K * n,), generator=g)
+        self.lrs = (ctypes.c_float * K)(*[0.05 * (1 + k) for k in range(K)])
+        self.losses = torch.empty(K)
+
+    def ptrs(self, ts: list[torch.Tensor]) -> Any:
+        return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+    def args(self, lib: Any, momentum: float) -> tuple:
+        L, dims = len(self.dims) - 1, (ctypes.c_int64 * len(self.dims))(*self.dims)
+        ws = torch.empty(max(lib.sgdn_mlp_ws_floats(self.n, L, dims),
+                             lib.sgdn_mlp_eval_ws_floats(L, dims)))  # fmt: skip
+        self._keep = (dims, ws)
+        return (self.K, self.n, L, dims, self.ptrs(self.W), self.ptrs(self.b),
+                self.ptrs(self.V), self.ptrs(self.vb), self.x.data_ptr(), self.y.data_ptr(),
+                ws.data_ptr(), self.lrs, momentum, 5e-4, self.losses.data_ptr())  # fmt: skip
+
+
+def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[torch.Tensor]:
+    """Parameters, momentum and losses after 3 steps, then an evaluation's sums."""
+    p = Pack(dims, 3, n)
+    args = p.args(lib, momentum)
+    for _ in range(3):
+        lib.sgdn_mlp_step(*args)
+    sums = torch.zeros(p.K, 2, dtype=torch.float64)
+    K, _, L, d, W, b, *_ = args
+    lib.sgdn_mlp_eval(K, n, L, d, W, b, p.x.data_ptr(), p.y.data_ptr(), args[10], sums.data_ptr())
+    return [*p.W, *p.b, *p.V, *p.vb, p.losses, sums]
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    ok = True
+    for dims, ns in SHAPES:
+        for n in ns:
+            for m in (0.9, 0.0):
+                oa, ob = outputs(a, dims, n, m), outputs(b, dims, n, m)
+                if not all(torch.equal(u, v) for u, v in zip(oa, ob, strict=True)):
+                    print(f"  differ: widths {dims}, n = {n}, momentum {m}")
+                    ok = False
+    return ok
+
+
+def timing(libs: list[Any], n: int, K: int, rounds: int) -> list[float]:
+    """Best round of each library, µs per example-step, alternating round by round."""
+    packs = [Pack(DIMS, K, n) for _ in libs]
+    args = [p.args(lib, 0.9) for p, lib in zip(packs, libs, strict=True)]
+    for p in packs:
+        p.lrs[:] = [1e-6] * K  # the weights barely move: every round times the same step
+    flops = 6 * sum(i * o for i, o in zip(DIMS[:-1], DIMS[1:], strict=True)) * n * K
+    reps = max(1, int(2e8 / flops))
+    best = [float("inf")] * len(libs)
+    for _ in range(rounds):
+        for i, lib in enumerate(libs):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                lib.sgdn_mlp_step(*args[i])
+            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
+    return [t / (n * K) * 1e6 for t in best]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="HEAD", help="git revision of the kernel to compare with")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 64, 128, 1024])
+    ap.add_argument("--pack", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    repo = HERE.parents[2]
+    base = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="kernel-ab-") as tmp:
+        a = build(base, Path(tmp) / "base.so")
+        b = build((repo / SOURCE).read_text(), Path(tmp) / "tree.so")
+        ok = same_bits(a, b)
+        print(f"bits: {'same bits' if ok else 'DIFFERENT'} ({args.base} vs the working tree)")
+        print(f"µs per example-step, packs of {args.pack}, best of {args.rounds} rounds:")
+        for n in args.batch_sizes:
+            ta, tb = timing([a, b], n, args.pack, args.rounds)
+            print(f"  B = {n:5d}: {args.base} {ta:6.2f}, working tree {tb:6.2f} "
+                  f"(ratio {tb / ta:.2f})")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
