@@ -314,7 +314,9 @@ def test_kill9_of_a_worker_training_a_pack_then_restart_runs_every_point_once(
     study = {
         "grid": {"train.lr_eff": [0.25, 0.5, 1024.0], "train.seed": [0]},
         # The two members left after the third diverges train for seconds: time to kill.
-        "fixed": {"train.budget.value": 15000},
+        # (Through the C kernel this tiny model takes about 20 µs a member-step: 15,000 steps
+        # had left 0.6 s.)
+        "fixed": {"train.budget.value": 90_000},
         "edges": {"extend": False},
     }
     root = make_project(tmp_path, {"packed": study}, train={"pack": 3})
@@ -362,7 +364,9 @@ def test_postgres_two_workers_exactly_once_with_heartbeat_recovery(tmp_path: Pat
     secret = "pw-s3cret-9f2c"
     study = {
         "grid": {"train.lr_eff": [0.125, 0.25, 0.5], "train.seed": [0]},
-        "fixed": {"train.budget.value": 8000},  # seconds per pack: time to kill its worker
+        # Seconds per pack (through the C kernel: 8,000 steps took 0.5 s): time to kill its
+        # worker.
+        "fixed": {"train.budget.value": 48_000},
         "edges": {"extend": False},
         "heartbeat": {"interval": 1, "grace_period": 3},
     }
@@ -508,12 +512,14 @@ def test_a_lone_point_steps_through_the_c_kernel_as_a_pack_of_one(tmp_path: Path
 
 
 def test_rerun_of_a_dead_workers_trial_resumes_its_checkpoint(tmp_path: Path) -> None:
+    # Long enough to be killed mid-run: through the C kernel this tiny model takes about
+    # 20 µs a step, so 3,000 steps (0.2 s) could end between two polls.
     study = {
         "grid": {"train.lr_eff": [0.25], "train.seed": [0]},
         "fixed": {
-            "train.budget.value": 3000,
+            "train.budget.value": 100_000,
             "train.checkpoint_every.unit": "steps",
-            "train.checkpoint_every.value": 200,
+            "train.checkpoint_every.value": 1000,
         },
         "edges": {"extend": False},
     }
