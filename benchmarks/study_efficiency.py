@@ -47,8 +47,10 @@ MODEL_KEYS = ("data.name", "model.name", "model.norm", "model.depth", "model.wid
               "model.ghost_batch_size")  # fmt: skip
 
 
-def gemm_peak(n: int = 1024, seconds: float = 1.0) -> float:
-    """fp32 FLOP/s of one thread multiplying n × n matrices (the best of a few tries)."""
+def gemm_peak(n: int = 1024, seconds: float = 3.0) -> float:
+    """fp32 FLOP/s of one thread multiplying n × n matrices: the best try in `seconds`
+    (a shared machine's speed drifts from second to second, and a low peak would flatter
+    the ratio: over 1 s this read 73-88 GFLOP/s within minutes)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     a, b = torch.randn(n, n), torch.randn(n, n)
