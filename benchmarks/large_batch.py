@@ -8,7 +8,7 @@ examples (at least 40 steps) and evaluates as the study's runs do (11 times). Tw
 the same path at once, as a sweep's two workers do (they share the L3 cache), and the paths
 alternate round by round (this machine's speed drifts). Printed: µs per example-step of each
 process (everything the run does, evaluations included, over its steps × B), per path and
-round: where the kernel would stop paying.
+round: whether the kernel still pays at that B.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ At B = 4 … 32 a member's step of the default MLP is a few matrix products with
 torch's batched kernels run those at about a quarter of the CPU's peak, and the gradient,
 momentum and update then stream every weight through memory three more times. The kernel
 runs a member's forward pass, backward pass and update back to back while its weights are
-in the caches, multiplies with register-blocked loops, applies the weight gradient block by
-block as it is summed (never storing it), and takes the whole pack's step in one call
+in the caches, multiplies with register-blocked loops, applies the weight gradient 6 rows
+at a time as soon as they are summed (never storing it whole), and takes the whole pack's step in one call
 instead of some thirty torch operations. Larger batches run in chunks of rows whose
 activations stay in L2, and a pack's evaluations run in C as well.
 `benchmarks/member_step.py --compare-native` measures it against the torch path,
