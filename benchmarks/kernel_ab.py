@@ -71,12 +71,12 @@ class Pack:
 
     def args(self, lib: Any, momentum: float) -> tuple:
         L, dims = len(self.dims) - 1, (ctypes.c_int64 * len(self.dims))(*self.dims)
-        ws = torch.empty(max(lib.sgdn_mlp_ws_floats(self.n, L, dims),
-                             lib.sgdn_mlp_eval_ws_floats(L, dims)))  # fmt: skip
-        self._keep = (dims, ws)
+        # Kept on the pack: the call's arguments point into them.
+        need = max(lib.sgdn_mlp_ws_floats(self.n, L, dims), lib.sgdn_mlp_eval_ws_floats(L, dims))
+        self.c_dims, self.ws = dims, torch.empty(need)
         return (self.K, self.n, L, dims, self.ptrs(self.W), self.ptrs(self.b),
                 self.ptrs(self.V), self.ptrs(self.vb), self.x.data_ptr(), self.y.data_ptr(),
-                ws.data_ptr(), self.lrs, momentum, 5e-4, self.losses.data_ptr())  # fmt: skip
+                self.ws.data_ptr(), self.lrs, momentum, 5e-4, self.losses.data_ptr())  # fmt: skip
 
 
 def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[torch.Tensor]:
@@ -86,8 +86,9 @@ def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[to
     for _ in range(3):
         lib.sgdn_mlp_step(*args)
     sums = torch.zeros(p.K, 2, dtype=torch.float64)
-    K, _, L, d, W, b, *_ = args
-    lib.sgdn_mlp_eval(K, n, L, d, W, b, p.x.data_ptr(), p.y.data_ptr(), args[10], sums.data_ptr())
+    L, W, b = len(dims) - 1, p.ptrs(p.W), p.ptrs(p.b)
+    lib.sgdn_mlp_eval(p.K, n, L, p.c_dims, W, b, p.x.data_ptr(), p.y.data_ptr(), p.ws.data_ptr(),
+                      sums.data_ptr())  # fmt: skip
     return [*p.W, *p.b, *p.V, *p.vb, p.losses, sums]
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from sgdnoise.native import FLAGS
 
-PARAMS = 40 * 256 + 256 * 256 + 256 * 10 + 256 + 256 + 10  # the default MLP's parameters
+WEIGHTS = 40 * 256 + 256 * 256 + 256 * 10  # the default MLP's weights (the FLOPs' part)
+PARAMS = WEIGHTS + 256 + 256 + 10  # and its biases
 
 C = r"""
 #include <stdio.h>
@@ -100,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         times = [float(p.communicate()[0]) for p in procs]
     traffic = 5 * 4 * PARAMS
     print(f"traffic per member-step: {traffic / 1e6:.2f} MB (weights read; weights and "
-          f"momentum read and written), packs of {args.pack}, {args.processes} process(es)")  # fmt: skip
+          f"momentum read and written), packs of {args.pack}, "
+          f"{args.processes} process(es)")  # fmt: skip
     for t in times:
         print(f"  {t:.1f} µs per member-step = {traffic / t / 1e3:.1f} GB/s")
     for B in (4, 8):
-        flops = 6 * (PARAMS - 522) * B
-        print(f"B = {B}: the step's {flops / 1e6:.2f} MFLOP take {flops / args.peak * 1e6:.1f} µs "
-              f"at {args.peak / 1e9:.0f} GFLOP/s; the floor is {min(times) * 1e-6 * args.peak / flops:.2f}× that")  # fmt: skip
+        flops = 6 * WEIGHTS * B
+        at_peak = flops / args.peak * 1e6  # µs
+        print(f"B = {B}: the step's {flops / 1e6:.2f} MFLOP take {at_peak:.1f} µs at "
+              f"{args.peak / 1e9:.0f} GFLOP/s; the floor is {min(times) / at_peak:.2f}× that")  # fmt: skip
     return 0
 
 

@@ -5,9 +5,9 @@ torch's batched kernels run those at about a quarter of the CPU's peak, and the 
 momentum and update then stream every weight through memory three more times. The kernel
 runs a member's forward pass, backward pass and update back to back while its weights are
 in the caches, multiplies with register-blocked loops, applies the weight gradient 6 rows
-at a time as soon as they are summed (never storing it whole), and takes the whole pack's step in one call
-instead of some thirty torch operations. Larger batches run in chunks of rows whose
-activations stay in L2, and a pack's evaluations run in C as well.
+at a time as soon as they are summed (never storing it whole), and takes the whole pack's
+step in one call instead of some thirty torch operations. Larger batches run in chunks of
+rows whose activations stay in L2, and a pack's evaluations run in C as well.
 `benchmarks/member_step.py --compare-native` measures it against the torch path,
 `--kernel-only` against the CPU's peak, `benchmarks/large_batch.py` whole large-batch runs.
 

@@ -90,11 +90,10 @@ static inline void kernel(int mr, int kn, const float *const *a, ptrdiff_t ak, c
 
 /* Column strips of 16 (two vectors at ja and ja + jb); the last strip ends at column O and
  * may overlap the one before (jb < 8): overlapping columns get the same sums in the same
- * order. Returns the number of strips; strip s is (ja[s], jb[s], first new column lo[s]). */
-static int strips(int O, int *ja, int *jb, int *lo) {
+ * order. Returns the number of strips; strip s is (ja[s], jb[s]). */
+static int strips(int O, int *ja, int *jb) {
     int s = 0;
     for (int j = 0; j < O; j += 16, s++) {
-        lo[s] = j;
         if (j + 16 <= O) {
             ja[s] = j;
             jb[s] = 8;
@@ -133,8 +132,8 @@ static void linear_fwd(int n, int I, int O, const float *h, int ldh, const float
             }
         return;
     }
-    int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS];
-    int ns = strips(O, ja, jb, lo);
+    int ja[MAX_STRIPS], jb[MAX_STRIPS];
+    int ns = strips(O, ja, jb);
     for (int s = 0; s < ns; s++) {
         v8 b0 = bias ? LD(bias + ja[s]) : bc(0.0f);
         v8 b1 = bias ? LD(bias + ja[s] + jb[s]) : bc(0.0f);
@@ -184,8 +183,9 @@ static inline void update_row(int len, float *p, float *v, const float *gr, floa
 
 /* gb (O) += the column sums of g (n x O, a workspace buffer: rows padded(O) apart). */
 static void column_sums(int n, int O, const float *g, float *gb) {
+    int ldg = padded(O);
     for (int r = 0; r < n; r++)
-        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * padded(O) + j];
+        for (int j = 0; j < O; j++) gb[j] += g[(size_t)r * ldg + j];
 }
 
 /* The bias's step: its gradient is g's column sums (gb: O floats of scratch). */
@@ -284,9 +284,8 @@ static void transpose(int rows, int cols, const float *src, int lds, float *dst,
 static void linear_bwd_blocked(int n, int I, int O, const float *h, int ldh, const float *g,
                                float *gT, float *W, float *V, float *bias, float *vb, float *dxT,
                                float *dx, float lr, float m, float wd, float *rows, float *G) {
-    int ja[MAX_STRIPS], jb[MAX_STRIPS], lo[MAX_STRIPS], ra[MAX_STRIPS], rb[MAX_STRIPS];
-    int rlo[MAX_STRIPS]; /* n <= CHUNK_ROWS */
-    int ns = strips(O, ja, jb, lo), nr = strips(n, ra, rb, rlo);
+    int ja[MAX_STRIPS], jb[MAX_STRIPS], ra[MAX_STRIPS], rb[MAX_STRIPS]; /* n <= CHUNK_ROWS */
+    int ns = strips(O, ja, jb), nr = strips(n, ra, rb);
     int ldg = padded(O), ldx = padded(I), ldt = padded(n);
     if (dx) transpose(n, O, g, ldg, gT, ldt);
     for (int i0 = 0; i0 < I;) {
@@ -325,8 +324,8 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, int ldh, con
             }
         }
         /* The block's whole rows of the weight gradient: each row of W and V takes its
-         * step in one sequential pass (in 16-column pieces between the strips, 12 scattered
-         * lines at a time, the update ran at a third of the speed of the products). */
+         * step in one sequential pass (not in 16-column pieces between the strips, 12
+         * scattered lines at a time). */
         for (int q = 0; q < ni; q++) {
             size_t at = (size_t)(i0 + q) * O;
             if (G)
