@@ -29,6 +29,7 @@ from sgdnoise.pack import (
     forward_flops,
     pack_key,
     train_pack,
+    training_flops,
 )
 from sgdnoise.train import Preempted, RunResult, train
 
@@ -311,6 +312,29 @@ def test_pack_keys_and_default_sizes() -> None:
     )  # multiply-adds of the three layers, 2 FLOPs each
     nqm = from_dict(with_values(SMALL, {"data.name": "nqm", "model.name": "nqm"}))
     assert default_pack_size(nqm, 0.0) == 1
+
+
+def test_a_runs_work_is_its_budgets_examples_times_three_forward_passes(tmp_path: Path) -> None:
+    """What sweep workers order and share by: epoch budgets are equal work at every B (not
+    the rounded steps: 10 epochs of 480 examples are 150 steps at B = 32, 38 at B = 128);
+    step budgets grow with B."""
+    from sgdnoise.data.prepare import read_meta
+    from sgdnoise.data.store import ensure_prepared
+
+    def work(**values: Any) -> float:
+        (cfg,) = configs([(0.1, 0)], **values)
+        return training_flops(cfg, tmp_path)
+
+    (cfg,) = configs([(0.1, 0)])
+    meta = read_meta(ensure_prepared(cfg.data, tmp_path))
+    assert meta is not None
+    fwd = forward_flops(cfg, tuple(meta["input_shape"]), int(meta["num_classes"]))
+    epochs = {"train.budget.unit": "epochs", "train.budget.value": 10}
+    assert work(**epochs) == 3 * fwd * 10 * int(meta["n_train"])
+    assert work(**epochs, **{"train.batch_size": 128}) == work(**epochs)
+    assert work(**{"train.batch_size": 64}) == 2 * work() == 3 * fwd * STEPS * 64
+    nqm = from_dict(with_values(SMALL, {"data.name": "nqm", "model.name": "nqm"}))
+    assert training_flops(nqm, tmp_path) == 20 * 32  # steps x B: no model to count
 
 
 def test_gpu_benchmark_script_runs(tmp_path: Path) -> None:

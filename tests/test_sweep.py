@@ -270,6 +270,51 @@ def test_the_efficiency_benchmark_reads_a_finished_study(two_worker_project) -> 
     assert "grid6: 6 runs" in text and "step/peak" in text and "ratio" in text.splitlines()[-1]
 
 
+# ---- which points a worker claims first, and how much of them ----
+
+BUDGETS = {
+    "grid": {
+        "train.budget.value": [48, 480],
+        "train.lr_eff": [0.125, 0.25, 0.5, 1.0],
+        "train.seed": [0],
+    },
+    "edges": {"extend": False},
+}
+
+
+def packs_by_budget(root: Path) -> dict[int, list[int]]:
+    """The pack size of each child run, by its budget (steps), sorted."""
+    out: dict[int, list[int]] = {}
+    for r in check_exactly_once(root, "budgets")[1]:
+        budget = int(float(r["params"]["train.budget.value"]))
+        out.setdefault(budget, []).append(int(r["params"].get("derived.pack", "1")))
+    return {b: sorted(sizes) for b, sizes in out.items()}
+
+
+def test_a_worker_claims_the_most_work_first(tmp_path: Path) -> None:
+    """The grid lists the 48-step points first; one worker trains the 480-step ones first
+    (the longest runs start early, the short ones fill the end)."""
+    root = make_project(tmp_path, {"budgets": BUDGETS})
+    ok(cli(root, "sweep", "budgets"))
+    children = check_exactly_once(root, "budgets")[1]
+    with sqlite3.connect(root / "mlflow.db") as db:
+        start_ms = dict(db.execute("SELECT run_uuid, start_time FROM runs"))
+    first = min(children, key=lambda r: start_ms[r["run_id"]])
+    assert float(first["params"]["train.budget.value"]) == 480
+    # One worker: a fair share is all the work, so each budget trains as one pack.
+    assert packs_by_budget(root) == {48: [4] * 4, 480: [4] * 4}
+
+
+def test_two_workers_share_the_largest_budget(tmp_path: Path) -> None:
+    """A pack takes at most a fair share of the work free when it is claimed: of the four
+    480-step points (4 x 480 + 4 x 48 steps free, half of it is 2.2 points' work), the first
+    pack takes 3 and the next claim the fourth, not one worker all four while the other
+    trains the short runs and then waits."""
+    root = make_project(tmp_path, {"budgets": BUDGETS})
+    ok(cli(root, "sweep", "budgets", "--workers", "2"))
+    assert packs_by_budget(root)[480] == [1, 3, 3, 3]
+
+
 # ---- kill -9 of a worker mid-run, then a restart ----
 
 

@@ -38,7 +38,7 @@ from sgdnoise.paths import project_root
 from sgdnoise.train import accelerator, augmentation, task_of, threads, train
 
 __all__ = ["StackedModel", "default_pack_size", "forward_flops", "pack_key", "pack_problem",
-           "pack_size", "packable", "train_pack", "MAX_PACK"]  # fmt: skip
+           "pack_size", "packable", "train_pack", "training_flops", "MAX_PACK"]  # fmt: skip
 
 # Keys that may differ between the members of one pack.
 MEMBER_KEYS = (("train", "lr_eff"), ("train", "seed"), ("tracking", "run_name"))
@@ -159,14 +159,32 @@ def pack_size(cfg: Config, root: Path) -> int:
         return cfg.train.pack
     if cfg.data.name == "nqm":
         return 1
+    shape, classes, _ = _data_shape(cfg, root)
+    size = default_pack_size(cfg, forward_flops(cfg, shape, classes))
+    return size if size == 1 or packable(cfg, shape, classes) else 1
+
+
+def _data_shape(cfg: Config, root: Path) -> tuple[tuple[int, ...], int, int]:
+    """(input shape, classes, training examples) of cfg's dataset, prepared if it is not yet."""
     from sgdnoise.data.prepare import read_meta
     from sgdnoise.data.store import ensure_prepared
 
     meta = read_meta(ensure_prepared(cfg.data, root))
     assert meta is not None
-    shape, classes = tuple(meta["input_shape"]), int(meta["num_classes"])
-    size = default_pack_size(cfg, forward_flops(cfg, shape, classes))
-    return size if size == 1 or packable(cfg, shape, classes) else 1
+    return tuple(meta["input_shape"]), int(meta["num_classes"]), int(meta["n_train"])
+
+
+def training_flops(cfg: Config, root: Path) -> float:
+    """A run's training FLOPs, 3 x forward x the examples its budget names (epochs x the
+    training set, or steps x B): what a sweep's workers order and share their work by. Not
+    the rounded steps, so that equal epoch budgets are equal work at every B. The NQM
+    (theory, no model): its steps x B."""
+    budget, B = cfg.train.budget, cfg.train.batch_size
+    if cfg.data.name == "nqm":
+        return float(budget.value * B)  # its budget is in steps
+    shape, classes, n_train = _data_shape(cfg, root)
+    examples = budget.value * (n_train if budget.unit == "epochs" else B)
+    return 3.0 * forward_flops(cfg, shape, classes) * examples
 
 
 def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:

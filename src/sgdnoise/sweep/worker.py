@@ -123,8 +123,9 @@ class Worker:
         from_the_end: bool = False,
     ):
         """Without `pack_runner` every trial trains on its own (train.pack is ignored).
-        `from_the_end`: claim the last waiting point first (the grid's largest B), so that
-        two local workers train different ends of the grid at once: small batches are
+        Workers claim the waiting point with the most training FLOPs first. Among equal
+        ones, `from_the_end` claims the last waiting point first (the grid's largest B), so
+        that two local workers train different ends of the grid at once: small batches are
         bound by memory traffic, large ones by arithmetic, and one of each shares a
         machine's memory bandwidth better than two of either."""
         self.ctx, self.spec, self.store = ctx, ctx.spec, ctx.store
@@ -133,6 +134,8 @@ class Worker:
         self.from_the_end = from_the_end
         self._pack_sizes: dict[str, int] = {}
         self._solo: dict[str, bool] = {}
+        self._works: dict[str, float] = {}  # by group
+        self._work_of: dict[int, float] = {}  # by trial number
         self.worker_id = worker_id or new_worker_id()
         self.tally = Tally()
         self.study: Any = None
@@ -175,7 +178,11 @@ class Worker:
                     enqueue(self.study, self.spec, p, "grid")
                 return AGAIN
             waiting = state.waiting()
-            for t in reversed(waiting) if self.from_the_end else waiting:
+            if self.from_the_end:
+                waiting = waiting[::-1]
+            # The most work first (a stable sort: equal work keeps the order above), so that
+            # the longest runs start early and the short ones fill the workers' last minutes.
+            for t in sorted(waiting, key=self._work, reverse=True):
                 decision = state.skip_decision(t)
                 if decision == edges.BLOCKED:
                     continue  # waits for a smaller learning rate to finish
@@ -199,6 +206,18 @@ class Worker:
         if claimed:
             self.trials.set_attr(t, "worker", self.worker_id)
         return claimed
+
+    def _work(self, t: FrozenTrial) -> float:
+        """A waiting trial's training FLOPs (the same for its whole group)."""
+        from sgdnoise.pack import training_flops
+
+        if t.number not in self._work_of:
+            group = _group(t)
+            if group not in self._works:
+                cfg = self.spec.config(json.loads(t.user_attrs["point"]))
+                self._works[group] = training_flops(cfg, self.ctx.root)
+            self._work_of[t.number] = self._works[group]
+        return self._work_of[t.number]
 
     def _pack_of_one(self, t: FrozenTrial) -> bool:
         """Whether a trial without pack mates still trains through the pack runner: its
@@ -239,6 +258,11 @@ class Worker:
         if len(free) - len(mates) < self.ctx.workers - 1:
             # No other group for every other worker: leave them their share of this one.
             size = min(size, -(-(len(mates) + 1) // self.ctx.workers))
+        # A pack's work at most a fair share of the work free now (rounded up to a member),
+        # so that one worker does not train most of a study's largest budget while the
+        # others run out of work.
+        fair = (self._work(first) + sum(self._work(t) for t in free)) / self.ctx.workers
+        size = min(size, max(1, math.ceil(fair / self._work(first))))
         pack = [first]
         for t in mates:
             if len(pack) >= size:
