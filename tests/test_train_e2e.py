@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from sgdnoise.config import load_config
+from sgdnoise import tracking
+from sgdnoise.config import from_dict, load_config, with_values
 
 from fakes import write_fake_cifar10, write_fake_mnist
-from helpers import cli, tracking_uri
+from helpers import SMALL, cli, tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,3 +196,39 @@ def test_train_shows_progress_a_line_per_evaluation_or_a_bar_on_a_terminal(
     assert proc.wait(timeout=120) == 0
     text = out.decode(errors="replace")
     assert "64/64" in text and "ex/s" in text and "step 0/" not in text, text[-2000:]
+
+
+def test_a_process_looks_its_experiment_up_once_and_again_when_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A sweep worker creates hundreds of runs in one experiment: it asks the store for the
+    experiment's id once, not once per run. When the experiment is deleted meanwhile, the
+    next run looks it up again and fails with one line, as it would have without the cache."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = from_dict(with_values(SMALL, {"tracking.uri": uri, "tracking.experiment": "once"}))
+    lookups: list[str] = []
+    real = MlflowClient.get_experiment_by_name
+
+    def counted(self: MlflowClient, name: str):
+        lookups.append(name)
+        return real(self, name)
+
+    MlflowClient.get_experiment_by_name = counted  # type: ignore[method-assign]
+    try:
+        ids = []
+        for i in range(3):
+            t = tracking.RunTracker(cfg, tmp_path)
+            ids.append(t.start(params={"i": i}, tags={}, run_name=f"r{i}"))
+            t.finish({"steps": 1.0}, {}, "FINISHED")
+        assert lookups == ["once"]
+        mlf = MlflowClient(uri)
+        assert {mlf.get_run(r).info.experiment_id for r in ids} == {
+            mlf.get_experiment_by_name("once").experiment_id
+        }
+        mlf.delete_experiment(mlf.get_run(ids[0]).info.experiment_id)
+        lookups.clear()
+        with pytest.raises(tracking.TrackingUnavailable, match="cannot use"):
+            tracking.RunTracker(cfg, tmp_path).start(params={}, tags={}, run_name="late")
+        assert lookups == ["once"]  # the cached id failed; it was looked up again
+    finally:
+        MlflowClient.get_experiment_by_name = real  # type: ignore[method-assign]

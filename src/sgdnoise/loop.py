@@ -262,7 +262,7 @@ def members_for(
         tracker = None
         if s.track and s.acc.is_main_process and resume is not None and resume.get("run_id"):
             tracker = tracking.RunTracker(cfg, s.root, auto_flush=False)
-            tracker.resume(resume["run_id"])
+            tracker.resume(resume["run_id"], tags[i])
         elif s.track and s.acc.is_main_process:
             derived = {
                 "derived.lr": cfg.lr, "derived.accumulation": accumulation_steps(cfg, P),

@@ -121,6 +121,35 @@ def experiment_id(mlf, name: str, root: Path | None = None) -> str:
         return exp.experiment_id
 
 
+# Experiment ids by (tracking URI, experiment name), looked up once per process: a sweep
+# worker creates hundreds of runs in one experiment, and the lookup was one of the seven
+# store calls of each.
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
+
+
+def _create_run(mlf, name: str, root: Path, run_name: str, tags: dict[str, str]) -> str:
+    """A new run in experiment `name` (created if missing); its id."""
+    key = (mlf.tracking_uri, name)
+    cached = key in _EXPERIMENT_IDS
+    exp = _EXPERIMENT_IDS[key] if cached else experiment_id(mlf, name, root)
+    try:
+        run = mlf.create_run(exp, run_name=run_name, tags=tags)
+    except Exception:
+        if not cached:
+            raise
+        # The experiment was deleted (and maybe made again) since: look it up afresh.
+        del _EXPERIMENT_IDS[key]
+        return _create_run(mlf, name, root, run_name, tags)
+    _EXPERIMENT_IDS[key] = exp
+    return run.info.run_id
+
+
+@cache
+def _experiment_of(uri: str, run_id: str) -> str:
+    """A run's experiment (a run never moves to another)."""
+    return client(uri).get_run(run_id).info.experiment_id
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow store could not be reached (raised before the first training step)."""
 
@@ -138,15 +167,18 @@ class RunTracker:
         self.mlf = client(self.uri)
         self.run_id: str | None = None
         self._metrics: list[Any] = []
+        self._retag: dict[str, str] = {}  # a resumed run's tags of this attempt, at finish
         self._last_flush = time.monotonic()
         # With checkpoints, metrics are flushed exactly when a checkpoint is written, so a
         # resumed run never logs a step twice.
         self.auto_flush = auto_flush
 
-    def resume(self, run_id: str) -> str:
+    def resume(self, run_id: str, tags: Mapping[str, str] | None = None) -> str:
         """Continue a run from its checkpoint: same run id, params already logged (restored
-        first if the sweep moved it aside as superseded: see kill_children)."""
+        first if the sweep moved it aside as superseded: see kill_children). `tags`: this
+        attempt's (a sweep's trial number and worker), set with the final metrics."""
         self.run_id = run_id
+        self._retag = dict(tags or {})
         if self.mlf.get_run(run_id).info.lifecycle_stage == "deleted":
             self.mlf.restore_run(run_id)
         self.mlf.update_run(run_id, status="RUNNING")
@@ -184,8 +216,9 @@ class RunTracker:
             existing = self.mlf.get_run(attached).data.params
             self.mlf.update_run(attached, status="RUNNING", name=run_name)
         else:
-            exp = experiment_id(self.mlf, self.cfg.tracking.experiment, self.root)
-            self.run_id = self.mlf.create_run(exp, run_name=run_name, tags=all_tags).info.run_id
+            self.run_id = _create_run(
+                self.mlf, self.cfg.tracking.experiment, self.root, run_name, all_tags
+            )
             all_tags = {}
         self.mlf.log_batch(
             self.run_id,
@@ -215,7 +248,7 @@ class RunTracker:
 
         ts, step = int(time.time() * 1000), int(final.get("steps", 0))
         metrics = self._metrics + [Metric(k, float(v), ts, step) for k, v in final.items()]
-        tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+        tag_list = [RunTag(k, str(v)) for k, v in {**self._retag, **tags}.items()]
         self.mlf.log_batch(self.run_id, metrics=metrics, tags=tag_list)
         self._metrics = []
         self.mlf.set_terminated(self.run_id, status)
@@ -399,7 +432,7 @@ def child_runs(
         filt += f" and tags.`{C.TRIAL_NUMBER}` = '{trial_number}'"
     return list(
         client(uri).search_runs(
-            [client(uri).get_run(parent_run_id).info.experiment_id],
+            [_experiment_of(uri, parent_run_id)],
             filter_string=filt,
             run_view_type=ViewType.ACTIVE_ONLY,
             max_results=10000,

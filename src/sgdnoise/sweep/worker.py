@@ -366,7 +366,8 @@ class Worker:
         """Take over the FINISHED run a dead (or presumed dead) attempt left behind."""
         run_id, metrics, status = found
         uri = self.ctx.tracking_uri
-        tracking.tag_run(uri, run_id, {C.TRIAL_NUMBER: str(t.number)})
+        # run -> trial: the adopted run now names this attempt, and this worker.
+        tracking.tag_run(uri, run_id, {C.TRIAL_NUMBER: str(t.number), C.WORKER: self.worker_id})
         # A presumed-dead worker that still lived marks its run KILLED when it learns its
         # trial was taken over, unless the run was adopted first: look again after tagging.
         if tracking.run_status(uri, run_id) != "FINISHED":
@@ -379,13 +380,10 @@ class Worker:
     def _complete(
         self, t: FrozenTrial, run_id: str, status: str, metrics: dict[str, float]
     ) -> bool:
+        """The trial takes the run's result. The run names the trial already (tags trial
+        number and worker: set when it was created, with its final metrics when it resumed
+        an earlier attempt's checkpoint, or by _adopt)."""
         kept = {k: _finite(metrics.get(k)) for k in TRIAL_METRICS if k in metrics}
-        # run -> trial: a run resumed from a checkpoint (or adopted) still names the attempt
-        # that created it.
-        tracking.tag_run(
-            self.ctx.tracking_uri, run_id,
-            {C.TRIAL_NUMBER: str(t.number), C.WORKER: self.worker_id},
-        )  # fmt: skip
         self.trials.set_attr(t, "mlflow_run_id", run_id)
         self.trials.set_attr(t, "status", status)
         self.trials.set_attr(t, "metrics", kept)
