@@ -246,7 +246,9 @@ def noise_scale_vs_progress(curve: pd.DataFrame, title: str, out_dir: Path) -> l
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
     labelled: set[str] = set()
-    for (optimizer, _), run in curve.groupby(["optimizer", "run_id"], sort=True):
+    # Runs drawn in the order of what they are (not of their random MLflow ids), so that a
+    # new study of the same runs draws the same figure, to the byte.
+    for (optimizer, *_), run in curve.groupby(["optimizer", "seed", "lr_eff", "run_id"]):
         label = None if optimizer in labelled else optimizer
         labelled.add(optimizer)
         ax.plot(run["progress"], run["grad_noise_scale"], marker="o", ms=3,

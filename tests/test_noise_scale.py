@@ -119,3 +119,27 @@ def test_window_members_are_independent_and_edge_cases():
     assert state["steps"] == 0 and state["sums"].tolist() == [0.0, 0.0, 0.0]
     window.select([1])
     assert window.sums.shape == (1, 3)
+
+
+def test_the_noise_scale_figure_does_not_depend_on_the_runs_mlflow_ids(tmp_path):
+    """A new study of the same runs (new random run ids) draws the same figure, to the byte:
+    its lines are drawn in the order of optimizer, seed and ε_eff."""
+    import pandas as pd
+
+    from analysis.figures import noise_scale_vs_progress
+
+    rows = []  # the two sgd runs cross: the one drawn last covers the other where they meet
+    values = {("sgd", 0): [40, 80, 160], ("sgd", 1): [160, 80, 40], ("momentum", 0): [60, 60, 60]}
+    for i, ((optimizer, seed), ys) in enumerate(values.items()):
+        for step, y in zip((1, 2, 3), ys, strict=True):
+            rows.append({"optimizer": optimizer, "seed": seed, "lr_eff": 2.0,
+                         "run_id": f"id{i}", "step": step, "progress": step / 3,
+                         "grad_noise_scale": float(y)})  # fmt: skip
+    curve = pd.DataFrame(rows)
+    swapped = curve.assign(run_id=curve["run_id"].map({"id0": "id9", "id1": "id0", "id2": "id1"}))
+    pngs = []
+    for name, c in (("a", curve), ("b", swapped)):
+        (tmp_path / name).mkdir()
+        png = noise_scale_vs_progress(c, "t", tmp_path / name)[0]
+        pngs.append(png.read_bytes())
+    assert pngs[0] == pngs[1]
