@@ -315,6 +315,20 @@ def test_two_workers_share_the_largest_budget(tmp_path: Path) -> None:
     assert packs_by_budget(root)[480] == [1, 3, 3, 3]
 
 
+def test_a_restart_into_the_same_store_adopts_its_finished_runs(tmp_path: Path) -> None:
+    """--restart forgets the Optuna trials; the runs the tracking store holds are adopted
+    (the same keys, the same code path), not trained a second time."""
+    study = {"grid": {"train.lr_eff": [0.25, 0.5], "train.seed": [0]}, "edges": {"extend": False}}
+    root = make_project(tmp_path, {"again": study})
+    ok(cli(root, "sweep", "again"))
+    before = {r["run_id"] for r in check_exactly_once(root, "again")[1]}
+    out = ok(cli(root, "sweep", "again", "--restart"))
+    assert out.count("adopted finished run") == 2 and "0 trained now" in out, out
+    trials, children = check_exactly_once(root, "again")
+    assert {r["run_id"] for r in children} == before
+    assert sorted(t.user_attrs["adopted"] for t in trials) == [True, True]
+
+
 # ---- kill -9 of a worker mid-run, then a restart ----
 
 

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", metavar="FILE", help="write the finished sweep's counts as JSON")
     p.add_argument(
         "--restart", action="store_true",
-        help="forget the study's Optuna trials (not its MLflow runs) and run every point again",
+        help="forget the study's Optuna trials (not its MLflow runs) and run every point again "
+        "into the tracking store in use (a point with a finished run there is adopted, not "
+        "trained again)",
     )  # fmt: skip
     p.add_argument(
         "--pack", type=int, default=None, metavar="K",

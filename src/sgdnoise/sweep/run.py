@@ -54,7 +54,8 @@ def run_sweep(
     restart: bool = False,
 ) -> int:  # fmt: skip
     """`restart`: forget the study's Optuna trials first (not its MLflow runs) and run every
-    point again, into the tracking store in use now."""
+    point again, into the tracking store in use now; a point whose finished run that store
+    holds already (under the study's parent run) is adopted, not trained again."""
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
     user_models = check_points(spec, root)
