@@ -160,8 +160,20 @@ def pack_size(cfg: Config, root: Path) -> int:
     if cfg.data.name == "nqm":
         return 1
     shape, classes, _ = _data_shape(cfg, root)
-    size = default_pack_size(cfg, forward_flops(cfg, shape, classes))
+    size = default_pack_size(cfg, _model_flops(cfg, shape, classes))
     return size if size == 1 or packable(cfg, shape, classes) else 1
+
+
+_FORWARD_FLOPS: dict[tuple[str, tuple[int, ...], int], float] = {}
+
+
+def _model_flops(cfg: Config, shape: tuple[int, ...], classes: int) -> float:
+    """forward_flops, counted once per model and data shape in a process (a sweep worker
+    asks for every group it sizes and orders; counting builds the model)."""
+    key = (repr(cfg.model), shape, classes)
+    if key not in _FORWARD_FLOPS:
+        _FORWARD_FLOPS[key] = forward_flops(cfg, shape, classes)
+    return _FORWARD_FLOPS[key]
 
 
 def _data_shape(cfg: Config, root: Path) -> tuple[tuple[int, ...], int, int]:
@@ -184,7 +196,7 @@ def training_flops(cfg: Config, root: Path) -> float:
         return float(budget.value * B)  # its budget is in steps
     shape, classes, n_train = _data_shape(cfg, root)
     examples = budget.value * (n_train if budget.unit == "epochs" else B)
-    return 3.0 * forward_flops(cfg, shape, classes) * examples
+    return 3.0 * _model_flops(cfg, shape, classes) * examples
 
 
 def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:
