@@ -6,7 +6,8 @@ retiring, every parameter agrees within PARAM_RTOL of its largest entry (the tol
 tests/test_pack.py states for packed runs). Widths and batch sizes that are not multiples of
 the kernel's vector and row blocks (its three backward paths: one pass per weight row for up
 to 8 rows, blocks of weight rows above, plain loops for layers narrower than a vector), and
-layers without bias, are covered, and batches of more rows than the kernel's chunk (128),
+layers without bias, output layers of 8 to 15 classes (their own path, along the input's
+width), are covered, and batches of more rows than the kernel's chunk (128),
 which it sums chunk by chunk before one update. Without a compiler, or with SGDNOISE_NATIVE=0, packs take
 the torch path and say so.
 """
@@ -18,6 +19,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,9 +54,9 @@ def mlp_pair(model: dict, K: int, momentum: float) -> tuple[StackedNet, ...]:
 
 
 def train_both(a: StackedNet, b: StackedNet, n: int, steps: int, lr: float,
-               retire_at: int | None = None) -> None:  # fmt: skip
+               retire_at: int | None = None, classes: int = 10) -> None:  # fmt: skip
     g = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(600, *SHAPE, generator=g), torch.randint(0, 10, (600,), generator=g)
+    X, Y = torch.randn(600, *SHAPE, generator=g), torch.randint(0, classes, (600,), generator=g)
     for step in range(steps):
         lrs = [lr * (k + 1) for k in range(a.size)]
         idx = torch.randint(0, 600, (a.size * n,), generator=g)
@@ -136,6 +138,30 @@ def test_layers_without_bias() -> None:
     assert_close(a, b)
 
 
+@pytest.mark.parametrize(
+    "hidden, classes, bias, n",
+    [(13, 9, True, 6), (20, 15, False, 11), (33, 8, True, 130)],
+    ids=["9-classes-B6", "15-classes-nobias-B11", "8-classes-B130-chunks"],
+)
+def test_output_layers_of_8_to_15_classes_equal_the_torch_path(
+    hidden: int, classes: int, bias: bool, n: int
+) -> None:
+    """The output layer's own backward pass (8 to 15 columns, along its input's width, here
+    not a whole number of vectors): in the one-pass order (B <= 8), the blocked one and
+    across chunks."""
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(40, hidden), nn.ReLU(),
+                             nn.Linear(hidden, classes, bias=bias))  # fmt: skip
+
+    torch.manual_seed(0)
+    a, b = pair(net(), [net().state_dict() for _ in range(4)], 0.9)
+    start = [p.detach().clone() for p in b.params]
+    train_both(a, b, n=n, steps=12, lr=0.02, classes=classes)
+    assert_close(a, b)
+    assert max((p - s).abs().max().item() for p, s in zip(b.params, start, strict=True)) > 1e-3
+
+
 @pytest.mark.parametrize("model, n", [({}, 1000), ({"depth": 1, "width": 6}, 70)],
                          ids=["default-1000", "thin-70"])  # fmt: skip
 def test_native_evaluation_equals_the_torch_path(model: dict, n: int) -> None:
@@ -208,10 +234,22 @@ def test_disabled_or_without_a_compiler_the_python_paths_run(
     assert built == ["mlp_step", "nqm"]
 
 
-def test_the_kernel_comparison_tells_the_same_bits_from_other_bits(tmp_path: Path) -> None:
-    """benchmarks/kernel_ab.py vouches that a change to the kernel keeps its arithmetic: the
-    same source gives the same bits; chunks of 64 rows instead of 128 (another summation
-    order from 65 rows on) do not."""
+def test_the_narrow_output_layers_path_keeps_the_other_paths_bits(tmp_path: Path) -> None:
+    """linear_bwd_narrow_out (output layers of 8 to 15 columns) sums in the order of the path
+    it replaces, one-pass or blocked, chunked or not: the kernel without it (NARROW_MAX_O 8)
+    gives the same bits on every shape of benchmarks/kernel_ab.py, O = 8, 9, 10 and 15 among
+    them."""
+    kernel_ab = _kernel_ab()
+    source = (Path(__file__).parents[1] / kernel_ab.SOURCE).read_text()
+    assert source.count("#define NARROW_MAX_O 16") == 1
+    a = kernel_ab.build(source, tmp_path / "a.so")
+    b = kernel_ab.build(source.replace("#define NARROW_MAX_O 16", "#define NARROW_MAX_O 8"),
+                        tmp_path / "b.so")  # fmt: skip
+    assert {dims[-1] for dims, _ in kernel_ab.SHAPES} >= {8, 9, 10, 15}
+    assert kernel_ab.same_bits(a, b)
+
+
+def _kernel_ab() -> Any:
     import importlib.util
 
     path = Path(__file__).parents[1] / "benchmarks" / "kernel_ab.py"
@@ -219,6 +257,14 @@ def test_the_kernel_comparison_tells_the_same_bits_from_other_bits(tmp_path: Pat
     assert spec and spec.loader
     kernel_ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_ab)
+    return kernel_ab
+
+
+def test_the_kernel_comparison_tells_the_same_bits_from_other_bits(tmp_path: Path) -> None:
+    """benchmarks/kernel_ab.py vouches that a change to the kernel keeps its arithmetic: the
+    same source gives the same bits; chunks of 64 rows instead of 128 (another summation
+    order from 65 rows on) do not."""
+    kernel_ab = _kernel_ab()
     source = (Path(__file__).parents[1] / kernel_ab.SOURCE).read_text()
     assert source.count("#define CHUNK_ROWS 128") == 1
     a = kernel_ab.build(source, tmp_path / "a.so")

@@ -9,8 +9,9 @@
  * the register-blocked outer-product loop below (6 or 4 rows x 16 columns of
  * accumulators), the backward pass reads each row of weights once for the input gradient,
  * the weight gradient and the update, and the weight gradient is applied a block of 6 rows
- * at a time, as soon as it is summed, never stored whole. sgdn_mlp_steps takes several
- * steps per call.
+ * at a time, as soon as it is summed, never stored whole. An output layer of 8 to 15
+ * classes runs its backward pass along its input's width instead (linear_bwd_narrow_out).
+ * sgdn_mlp_steps takes several steps per call.
  *
  * The math is that of sgdnoise.models.packed_mlp (and so of autograd and torch's fused
  * SGD): forward h_{l+1} = relu(h_l W_l + b_l), loss = mean over rows of
@@ -45,6 +46,17 @@ static inline float hsum(v8 v) {
 
 /* max(a, 0) that keeps NaN, as torch's relu does (a diverging run must stay NaN). */
 static inline v8 relu8(v8 a) { return (v8)((vi8)a & ~(a < bc(0.0f))); }
+
+/* a * b + c rounded once. Written out where a sum must keep the order of another path's:
+ * the compiler fuses a * b + c only where its tuning likes to (for AMD's Zen, not in a
+ * loop-carried sum). */
+static inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
 
 
 /* The micro-kernel: for MR rows m (row pointers a[m]; a short block repeats a row),
@@ -452,6 +464,147 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
     if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
 }
 
+/* linear_bwd_narrow_out in the blocked order, for nv (1 or 2) vectors of columns i, i + 8:
+ * the weight gradient's rows of dW^T summed over the rows in order, as the micro-kernel sums
+ * them, 6 columns of g at a time (the last 6 may repeat some); then dx (when given), a block
+ * of 6 rows at a time (a short block repeats its last), each sum over the columns in order,
+ * as dx^T = W g^T sums it. nv x 6 accumulators stay in registers. */
+static inline __attribute__((always_inline)) void narrow_blocked(
+    int n, int O, const float *h, int ldh, const float *g, int ldg, const float *WT, int ldw,
+    float *dWT, float *dx, int ldx, int i, const int nv) {
+    for (int j0 = 0; j0 < O; j0 += 6) {
+        int j = j0 + 6 <= O ? j0 : O - 6;
+        v8 acc[2][6];
+        for (int v = 0; v < nv; v++)
+            for (int q = 0; q < 6; q++) acc[v][q] = bc(0.0f);
+        for (int r = 0; r < n; r++) {
+            v8 hv[2];
+            for (int v = 0; v < nv; v++) hv[v] = LD(h + (size_t)r * ldh + i + 8 * v);
+            const float *gr = g + (size_t)r * ldg + j;
+            for (int q = 0; q < 6; q++) {
+                v8 gq = bc(gr[q]);
+                for (int v = 0; v < nv; v++) acc[v][q] = fma8(hv[v], gq, acc[v][q]);
+            }
+        }
+        for (int v = 0; v < nv; v++)
+            for (int q = 0; q < 6; q++) ST(dWT + (size_t)(j + q) * ldw + i + 8 * v, acc[v][q]);
+    }
+    if (!dx) return;
+    for (int r0 = 0; r0 < n;) {
+        int nr = n - r0 < 6 ? n - r0 : 6;
+        const float *gq[6];
+        v8 acc[2][6];
+        for (int q = 0; q < 6; q++) {
+            gq[q] = g + (size_t)(r0 + (q < nr ? q : nr - 1)) * ldg;
+            for (int v = 0; v < nv; v++) acc[v][q] = bc(0.0f);
+        }
+        for (int j = 0; j < O; j++) {
+            v8 wv[2];
+            for (int v = 0; v < nv; v++) wv[v] = LD(WT + (size_t)j * ldw + i + 8 * v);
+            for (int q = 0; q < 6; q++) {
+                v8 gj = bc(gq[q][j]);
+                for (int v = 0; v < nv; v++) acc[v][q] = fma8(wv[v], gj, acc[v][q]);
+            }
+        }
+        for (int q = 0; q < nr; q++)
+            for (int v = 0; v < nv; v++) {
+                v8 hr = LD(h + (size_t)(r0 + q) * ldh + i + 8 * v);
+                ST(dx + (size_t)(r0 + q) * ldx + i + 8 * v,
+                   (v8)((vi8)acc[v][q] & (vi8)(hr > bc(0.0f))));
+            }
+        r0 += nr;
+    }
+}
+
+/* The backward pass and update of an output layer of 8 to 15 columns (the classes) on a
+ * wider input (I >= 8), vectorized along I instead of along the few columns: the other
+ * paths spend most of such a layer's time on loop overhead, horizontal sums and a half-empty
+ * second vector (at B = 4 it took 13 % of a member-step for 3 % of its arithmetic). Every
+ * sum runs in the order of the path it replaces, so the results are the same to the bit:
+ * with `fused` (n <= FUSED_MAX_N) that of linear_bwd_fused, else that of linear_bwd_blocked
+ * (with a gradient buffer G for chunked batches). The weights are transposed into WT first
+ * (dx takes them before the update), the weight gradient is built as dW^T, transposed into
+ * dW (I x O) and applied in one pass over the layer. A last vector of columns i that would
+ * run past I starts at I - 8 instead: the columns it repeats get the same sums. nar:
+ * NARROW_WS(I) floats of scratch. */
+#ifndef NARROW_MAX_O
+#define NARROW_MAX_O 16 /* 8: off (the other paths take these layers) */
+#endif
+#define NARROW_WS(I) ((int64_t)NARROW_MAX_O * (2 * padded(I) + (I)))
+static void linear_bwd_narrow_out(int n, int I, int O, const float *h, int ldh, const float *g,
+                                  float *W, float *V, float *bias, float *vb, float *dx, float lr,
+                                  float m, float wd, int fused, float *nar, float *G) {
+    int ldg = padded(O), ldx = padded(I), ldw = padded(I);
+    float *WT = nar, *dWT = WT + (size_t)NARROW_MAX_O * ldw;
+    float *dW = dWT + (size_t)NARROW_MAX_O * ldw;
+    if (dx) transpose(I, O, W, O, WT, ldw);
+    if (fused) {
+        /* Row j of dW^T: rows of h and g in blocks of 4, each block's products summed as in
+         * fused_row; rows beyond n count with weight 0 (and the block's first row of g). */
+        for (int j = 0; j < O; j++) {
+            v8 q[FUSED_MAX_N];
+            for (int r = 0; r < n + (-n & 3); r++)
+                q[r] = bc(g[(size_t)(r < n ? r : r & ~3) * ldg + j]);
+            for (int i0 = 0; i0 < I; i0 += 8) {
+                int i = i0 + 8 <= I ? i0 : I - 8;
+                v8 acc = bc(0.0f);
+                for (int r0 = 0; r0 < n; r0 += 4) {
+                    int nr = n - r0 < 4 ? n - r0 : 4;
+                    const float *hr = h + (size_t)r0 * ldh + i;
+                    v8 c0 = LD(hr), c1 = nr > 1 ? LD(hr + ldh) : bc(0.0f);
+                    v8 c2 = nr > 2 ? LD(hr + 2 * ldh) : bc(0.0f);
+                    v8 c3 = nr > 3 ? LD(hr + 3 * ldh) : bc(0.0f);
+                    acc += fma8(c3, q[r0 + 3],
+                                fma8(c2, q[r0 + 2], fma8(c0, q[r0], c1 * q[r0 + 1])));
+                }
+                ST(dWT + (size_t)j * ldw + i, acc);
+            }
+        }
+        /* dx as fused_row's one vector of 8 columns, summed across its lanes as hsum, plus
+         * the other columns one by one. */
+        if (dx)
+            for (int r = 0; r < n; r++) {
+                const float *gr = g + (size_t)r * ldg;
+                v8 q[NARROW_MAX_O];
+                for (int j = 0; j < O; j++) q[j] = bc(gr[j]);
+                for (int i0 = 0; i0 < I; i0 += 8) {
+                    int i = i0 + 8 <= I ? i0 : I - 8;
+                    v8 p[8], tail = bc(0.0f);
+                    const float *wt = WT + i;
+                    for (int j = 0; j < 8; j++)
+                        p[j] = fma8(q[j], LD(wt + (size_t)j * ldw), bc(0.0f));
+                    for (int j = 8; j < O; j++) tail = fma8(q[j], LD(wt + (size_t)j * ldw), tail);
+                    v8 s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+                    s = s + tail;
+                    v8 hr = LD(h + (size_t)r * ldh + i);
+                    ST(dx + (size_t)r * ldx + i, (v8)((vi8)s & (vi8)(hr > bc(0.0f))));
+                }
+            }
+    } else {
+        /* Two vectors of columns i at a time while two fit, then one (the last may start at
+         * I - 8, repeating some). */
+        for (int i0 = 0; i0 < I;) {
+            if (i0 + 16 <= I) {
+                narrow_blocked(n, O, h, ldh, g, ldg, WT, ldw, dWT, dx, ldx, i0, 2);
+                i0 += 16;
+            } else {
+                int i = i0 + 8 <= I ? i0 : I - 8;
+                narrow_blocked(n, O, h, ldh, g, ldg, WT, ldw, dWT, dx, ldx, i, 1);
+                i0 += 8;
+            }
+        }
+    }
+    transpose(O, I, dWT, ldw, dW, O);
+    if (G)
+        add_row(I * O, G, dW);
+    else
+        update_row(I * O, W, V, dW, lr, m, wd);
+    if (bias && G)
+        column_sums(n, O, g, G + (size_t)I * O);
+    else if (bias)
+        bias_update(n, O, g, bias, vb, lr, m, wd, dW);
+}
+
 /* log(sum_j exp(z_j)) of one row of C logits, shifted by its largest (NaN stays NaN). */
 static inline float log_sum_exp(int C, const float *z) {
     float mx = z[0];
@@ -485,12 +638,13 @@ static int64_t grad_floats(int L, const int64_t *dims) {
 
 /* Floats of workspace sgdn_mlp_step needs for members of n rows: one chunk's activations
  * (every layer's output), two gradient buffers and two for their transposes (rows padded),
- * and 6 rows of scratch; for a batch in several chunks, the gradient buffer. */
+ * 6 rows of scratch and the narrow output layer's; for a batch in several chunks, the
+ * gradient buffer. */
 int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
     int c = chunk_rows(n), wide = widest(L, dims);
     int64_t s = 0;
     for (int l = 1; l <= L; l++) s += (int64_t)c * padded((int)dims[l]);
-    s += 2 * (int64_t)c * padded(wide) + 2 * (int64_t)wide * padded(c) + 6 * wide;
+    s += 2 * (int64_t)c * padded(wide) + 2 * (int64_t)wide * padded(c) + 6 * wide + NARROW_WS(wide);
     return c < n ? s + grad_floats(L, dims) : s;
 }
 
@@ -509,7 +663,8 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
     for (int l = 1; l <= L; l++) at += (size_t)c * ld[l];
     float *ga = at, *gb = ga + (size_t)c * padded(wide), *gT = gb + (size_t)c * padded(wide);
     float *dxT = gT + (size_t)wide * padded(c), *row = dxT + (size_t)wide * padded(c);
-    float *G = chunked ? row + 6 * wide : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
+    float *nar = row + 6 * wide;
+    float *G = chunked ? nar + NARROW_WS(wide) : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
         Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
     float inv = 1.0f / (float)n;
@@ -547,7 +702,10 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
                 float *Vk = m != 0.0f ? V[l] + wo : NULL;
                 float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
                 float *dx = l > 0 ? spare : NULL;
-                if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
+                if (O >= 8 && O < NARROW_MAX_O && I >= 8)
+                    linear_bwd_narrow_out(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx,
+                                          lrs[k], m, wd, nc <= FUSED_MAX_N, nar, Gl[l]);
+                else if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
                     linear_bwd_fused(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k],
                                      m, wd, row);
                 else if (O >= 8)
