@@ -6,12 +6,14 @@ how fast.
 
 Both sources of src/sgdnoise/native/mlp_step.c (`git show <base>:...` and the file on disk)
 are compiled with the flags sgdnoise uses and loaded side by side. First, the bits: a few
-steps of heavy ball and of plain SGD, then an evaluation, on several layer shapes and batch
-sizes (the one-pass backward, the blocked one, chunked batches, padded rows), each output
+steps of heavy ball and of plain SGD, then a call of several steps, then an evaluation, on
+several layer shapes and batch sizes (the one-pass backward, the blocked one, chunked
+batches, padded rows, output layers of 8 to 15 columns), each output
 compared with torch.equal; a kernel change that is meant to keep the arithmetic must print
-"same bits" everywhere. Then the speed: sgdn_mlp_step of a pack of the default MLP
-(40-256-256-10), one thread, the two kernels alternating round by round (this machine's
-speed drifts); printed, per B, the best round of each in µs per example-step and the ratio.
+"same bits" everywhere. Then the speed: sgdn_mlp_steps of a pack of the default MLP
+(40-256-256-10), 16 steps a call as the training loop makes them, one thread, the two
+kernels alternating round by round (this machine's speed drifts); printed, per B, the best
+round of each in µs per example-step and the ratio.
 """
 
 from __future__ import annotations
@@ -84,16 +86,25 @@ class Pack:
 
 
 def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[torch.Tensor]:
-    """Parameters, momentum and losses after 3 steps, then an evaluation's sums."""
+    """Parameters, momentum and losses after 3 steps, then 4 more in one multi-step call
+    (members 0 and 2 share a data order), then an evaluation's sums."""
     p = Pack(dims, 3, n)
     args = p.args(lib, momentum)
     for _ in range(3):
         lib.sgdn_mlp_step(*args)
+    T, L = 4, len(dims) - 1
+    g = torch.Generator().manual_seed(1)
+    idx = [torch.randint(0, p.K * n, (T * n,), generator=g) for _ in range(2)]
+    xb, yb = torch.empty(p.K * n, dims[0]), torch.empty(p.K * n, dtype=torch.int64)
+    lrs, losses = torch.rand(T, p.K, generator=g) * 0.1, torch.empty(T, p.K)
+    lib.sgdn_mlp_steps(T, *args[:8], p.x.data_ptr(), p.y.data_ptr(), p.ptrs(idx),
+                       (ctypes.c_int64 * 3)(0, 1, 0), xb.data_ptr(), yb.data_ptr(), args[10],
+                       lrs.data_ptr(), momentum, 5e-4, losses.data_ptr())  # fmt: skip
     sums = torch.zeros(p.K, 2, dtype=torch.float64)
-    L, W, b = len(dims) - 1, p.ptrs(p.W), p.ptrs(p.b)
+    W, b = p.ptrs(p.W), p.ptrs(p.b)
     lib.sgdn_mlp_eval(p.K, n, L, p.c_dims, W, b, p.x.data_ptr(), p.y.data_ptr(), p.ws.data_ptr(),
                       sums.data_ptr())  # fmt: skip
-    return [*p.W, *p.b, *p.V, *p.vb, p.losses, sums]
+    return [*p.W, *p.b, *p.V, *p.vb, p.losses, losses, sums]
 
 
 def same_bits(a: Any, b: Any) -> bool:
@@ -108,22 +119,33 @@ def same_bits(a: Any, b: Any) -> bool:
     return ok
 
 
-def timing(libs: list[Any], n: int, K: int, rounds: int) -> list[float]:
-    """Best round of each library, µs per example-step, alternating round by round."""
+def timing(libs: list[Any], n: int, K: int, rounds: int, T: int = 16) -> list[float]:
+    """Best round of each library, µs per example-step, alternating round by round: calls
+    of sgdn_mlp_steps of T steps (the training loop's calls: it checks for divergence every
+    16 steps), on batches drawn from 8,000 examples, two data orders for the pack."""
+    N = 8000
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(N, DIMS[0], generator=g), torch.randint(0, DIMS[-1], (N,), generator=g)
+    idx = [torch.randint(0, N, (T * n,), generator=g) for _ in range(2)]
+    xb, yb = torch.empty(K * n, DIMS[0]), torch.empty(K * n, dtype=torch.int64)
+    lrs, losses = torch.full((T, K), 1e-6), torch.empty(T, K)  # the weights barely move
     packs = [Pack(DIMS, K, n) for _ in libs]
-    args = [p.args(lib, 0.9) for p, lib in zip(packs, libs, strict=True)]
-    for p in packs:
-        p.lrs[:] = [1e-6] * K  # the weights barely move: every round times the same step
-    flops = 6 * sum(i * o for i, o in zip(DIMS[:-1], DIMS[1:], strict=True)) * n * K
+    calls = []
+    for p, lib in zip(packs, libs, strict=True):
+        args = p.args(lib, 0.9)
+        calls.append((T, *args[:8], X.data_ptr(), Y.data_ptr(), p.ptrs(idx),
+                      (ctypes.c_int64 * K)(*[k % 2 for k in range(K)]), xb.data_ptr(),
+                      yb.data_ptr(), args[10], lrs.data_ptr(), 0.9, 5e-4, losses.data_ptr()))  # fmt: skip
+    flops = 6 * sum(i * o for i, o in zip(DIMS[:-1], DIMS[1:], strict=True)) * n * K * T
     reps = max(1, int(2e8 / flops))
     best = [float("inf")] * len(libs)
     for _ in range(rounds):
         for i, lib in enumerate(libs):
             t0 = time.perf_counter()
             for _ in range(reps):
-                lib.sgdn_mlp_step(*args[i])
+                lib.sgdn_mlp_steps(*calls[i])
             best[i] = min(best[i], (time.perf_counter() - t0) / reps)
-    return [t / (n * K) * 1e6 for t in best]
+    return [t / (n * K * T) * 1e6 for t in best]
 
 
 def main(argv: list[str] | None = None) -> int:

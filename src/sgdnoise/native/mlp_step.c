@@ -648,12 +648,12 @@ int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
     return c < n ? s + grad_floats(L, dims) : s;
 }
 
-/* One step of every member k: forward on its rows x[k] (n x I_0) with labels y[k], its
- * mean cross-entropy into losses[k], backward, and the update with learning rate lrs[k]
- * (momentum buffers V, vb when m != 0). dims: the L + 1 layer widths. */
-void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
-                   float *const *V, float *const *vb, const float *x, const int64_t *y,
-                   float *ws, const float *lrs, float m, float wd, float *losses) {
+/* One step of member k: forward on its rows x (n x I_0) with labels y, its mean cross-entropy
+ * into *loss, backward, and the update with learning rate lr (momentum buffers V, vb when
+ * m != 0). dims: the L + 1 layer widths. */
+static void member_step(int k, int n, int L, const int64_t *dims, float *const *W,
+                        float *const *b, float *const *V, float *const *vb, const float *x,
+                        const int64_t *y, float *ws, float lr, float m, float wd, float *loss) {
     int C = (int)dims[L], wide = widest(L, dims), c = chunk_rows(n), chunked = c < n;
     const float *ins[64]; /* each layer's input: x, then the hidden outputs (padded rows) */
     int ld[64];           /* their row strides */
@@ -667,100 +667,109 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
     float *G = chunked ? nar + NARROW_WS(wide) : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
         Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
-    float inv = 1.0f / (float)n;
-    for (int k = 0; k < K; k++) {
-        float total = 0.0f;
-        if (G) memset(G, 0, (size_t)grad_floats(L, dims) * sizeof(float));
-        for (int r0 = 0; r0 < n; r0 += c) {
-            int nc = n - r0 < c ? n - r0 : c;
-            const int64_t *yk = y + (size_t)k * n + r0;
-            ins[0] = x + ((size_t)k * n + r0) * dims[0];
-            float *out = acts;
-            for (int l = 0; l < L; l++) {
-                int I = (int)dims[l], O = (int)dims[l + 1];
-                const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-                linear_fwd(nc, I, O, ins[l], ld[l], W[l] + (size_t)k * I * O, bk, out, ld[l + 1],
-                           l < L - 1);
-                ins[l + 1] = out;
-                out += (size_t)nc * ld[l + 1];
-            }
-            /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
-            const float *z = ins[L];
-            for (int r = 0; r < nc; r++) {
-                const float *zr = z + (size_t)r * ld[L];
-                float lse = log_sum_exp(C, zr);
-                total += lse - zr[yk[r]];
-                float *gr = ga + (size_t)r * ld[L];
-                for (int j = 0; j < C; j++)
-                    gr[j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
-            }
-            float *g = ga, *spare = gb;
-            for (int l = L - 1; l >= 0; l--) {
-                int I = (int)dims[l], O = (int)dims[l + 1];
-                size_t wo = (size_t)k * I * O;
-                float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
-                float *Vk = m != 0.0f ? V[l] + wo : NULL;
-                float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
-                float *dx = l > 0 ? spare : NULL;
-                if (O >= 8 && O < NARROW_MAX_O && I >= 8)
-                    linear_bwd_narrow_out(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx,
-                                          lrs[k], m, wd, nc <= FUSED_MAX_N, nar, Gl[l]);
-                else if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
-                    linear_bwd_fused(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lrs[k],
-                                     m, wd, row);
-                else if (O >= 8)
-                    linear_bwd_blocked(nc, I, O, ins[l], ld[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
-                                       dx, lrs[k], m, wd, row, Gl[l]);
-                else
-                    linear_bwd_narrow(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx,
-                                      lrs[k], m, wd, row, Gl[l]);
-                float *t = g;
-                g = spare;
-                spare = t;
-            }
+    float inv = 1.0f / (float)n, total = 0.0f;
+    if (G) memset(G, 0, (size_t)grad_floats(L, dims) * sizeof(float));
+    for (int r0 = 0; r0 < n; r0 += c) {
+        int nc = n - r0 < c ? n - r0 : c;
+        const int64_t *yk = y + r0;
+        ins[0] = x + (size_t)r0 * dims[0];
+        float *out = acts;
+        for (int l = 0; l < L; l++) {
+            int I = (int)dims[l], O = (int)dims[l + 1];
+            const float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+            linear_fwd(nc, I, O, ins[l], ld[l], W[l] + (size_t)k * I * O, bk, out, ld[l + 1],
+                       l < L - 1);
+            ins[l + 1] = out;
+            out += (size_t)nc * ld[l + 1];
         }
-        if (G) /* the whole batch's gradient: now the update */
-            for (int l = 0; l < L; l++) {
-                int I = (int)dims[l], O = (int)dims[l + 1];
-                size_t wo = (size_t)k * I * O;
-                for (int i = 0; i < I; i++) {
-                    size_t at = wo + (size_t)i * O;
-                    update_row(O, W[l] + at, m != 0.0f ? V[l] + at : NULL, Gl[l] + (size_t)i * O,
-                               lrs[k], m, wd);
-                }
-                if (b[l])
-                    update_row(O, b[l] + (size_t)k * O, m != 0.0f ? vb[l] + (size_t)k * O : NULL,
-                               Gl[l] + (size_t)I * O, lrs[k], m, wd);
-            }
-        losses[k] = total / (float)n;
+        /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
+        const float *z = ins[L];
+        for (int r = 0; r < nc; r++) {
+            const float *zr = z + (size_t)r * ld[L];
+            float lse = log_sum_exp(C, zr);
+            total += lse - zr[yk[r]];
+            float *gr = ga + (size_t)r * ld[L];
+            for (int j = 0; j < C; j++)
+                gr[j] = (expf(zr[j] - lse) - (j == yk[r] ? 1.0f : 0.0f)) * inv;
+        }
+        float *g = ga, *spare = gb;
+        for (int l = L - 1; l >= 0; l--) {
+            int I = (int)dims[l], O = (int)dims[l + 1];
+            size_t wo = (size_t)k * I * O;
+            float *bk = b[l] ? b[l] + (size_t)k * O : NULL;
+            float *Vk = m != 0.0f ? V[l] + wo : NULL;
+            float *vbk = m != 0.0f && b[l] ? vb[l] + (size_t)k * O : NULL;
+            float *dx = l > 0 ? spare : NULL;
+            if (O >= 8 && O < NARROW_MAX_O && I >= 8)
+                linear_bwd_narrow_out(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lr,
+                                      m, wd, nc <= FUSED_MAX_N, nar, Gl[l]);
+            else if (nc <= FUSED_MAX_N) /* never chunked: chunks are longer */
+                linear_bwd_fused(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lr, m,
+                                 wd, row);
+            else if (O >= 8)
+                linear_bwd_blocked(nc, I, O, ins[l], ld[l], g, gT, W[l] + wo, Vk, bk, vbk, dxT,
+                                   dx, lr, m, wd, row, Gl[l]);
+            else
+                linear_bwd_narrow(nc, I, O, ins[l], ld[l], g, W[l] + wo, Vk, bk, vbk, dx, lr, m,
+                                  wd, row, Gl[l]);
+            float *t = g;
+            g = spare;
+            spare = t;
+        }
     }
+    if (G) /* the whole batch's gradient: now the update */
+        for (int l = 0; l < L; l++) {
+            int I = (int)dims[l], O = (int)dims[l + 1];
+            size_t wo = (size_t)k * I * O;
+            for (int i = 0; i < I; i++) {
+                size_t at = wo + (size_t)i * O;
+                update_row(O, W[l] + at, m != 0.0f ? V[l] + at : NULL, Gl[l] + (size_t)i * O,
+                           lr, m, wd);
+            }
+            if (b[l])
+                update_row(O, b[l] + (size_t)k * O, m != 0.0f ? vb[l] + (size_t)k * O : NULL,
+                           Gl[l] + (size_t)I * O, lr, m, wd);
+        }
+    *loss = total / (float)n;
+}
+
+/* One step of every member k: forward on its rows x[k] (n x I_0) with labels y[k], its mean
+ * cross-entropy into losses[k], backward, and the update with learning rate lrs[k]
+ * (momentum buffers V, vb when m != 0). dims: the L + 1 layer widths. */
+void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, float *const *b,
+                   float *const *V, float *const *vb, const float *x, const int64_t *y,
+                   float *ws, const float *lrs, float m, float wd, float *losses) {
+    for (int k = 0; k < K; k++)
+        member_step(k, n, L, dims, W, b, V, vb, x + (size_t)k * n * dims[0], y + (size_t)k * n,
+                    ws, lrs[k], m, wd, losses + k);
 }
 
 /* T consecutive steps of every member, each exactly sgdn_mlp_step on its gathered batch:
- * what the training loop would do with T calls, without the interpreter between them.
- * Step t's batch of member k is rows idx[s][t*n .. t*n + n) of X (N x I_0) and Y, where
- * s = stream_of[k]: members of one seed share a stream (their data order), idx[s] holds
- * T*n example indices. lrs (T x K): each step's learning rates; losses (T x K) receives each
- * step's mean losses. xb (K*n*I_0 floats) and yb (K*n) hold a step's gathered batch; ws:
- * sgdn_mlp_ws_floats(n, ...) floats, as for sgdn_mlp_step. */
+ * what the training loop would do with T calls, without the interpreter between them, and
+ * member by member: a member's T steps run back to back while its weights and momentum
+ * stay in L2 (step by step, a pack's members would stream theirs from L3 at every step;
+ * members are independent, so the order changes no result). Step t's batch of member k is
+ * rows idx[s][t*n .. t*n + n) of X (N x I_0) and Y, where s = stream_of[k]: members of one
+ * seed share a stream (their data order), idx[s] holds T*n example indices. lrs (T x K):
+ * each step's learning rates; losses (T x K) receives each step's mean losses. xb (at least
+ * n*I_0 floats) and yb (n) hold a step's gathered batch; ws: sgdn_mlp_ws_floats(n, ...)
+ * floats, as for sgdn_mlp_step. */
 void sgdn_mlp_steps(int T, int K, int n, int L, const int64_t *dims, float *const *W,
                     float *const *b, float *const *V, float *const *vb, const float *X,
                     const int64_t *Y, const int64_t *const *idx, const int64_t *stream_of,
                     float *xb, int64_t *yb, float *ws, const float *lrs, float m, float wd,
                     float *losses) {
     size_t I0 = (size_t)dims[0];
-    for (int t = 0; t < T; t++) {
-        for (int k = 0; k < K; k++) {
+    for (int k = 0; k < K; k++)
+        for (int t = 0; t < T; t++) {
             const int64_t *rows = idx[stream_of[k]] + (size_t)t * n;
             for (int r = 0; r < n; r++) {
-                size_t dst = (size_t)k * n + r;
-                memcpy(xb + dst * I0, X + (size_t)rows[r] * I0, I0 * sizeof(float));
-                yb[dst] = Y[rows[r]];
+                memcpy(xb + (size_t)r * I0, X + (size_t)rows[r] * I0, I0 * sizeof(float));
+                yb[r] = Y[rows[r]];
             }
+            member_step(k, n, L, dims, W, b, V, vb, xb, yb, ws, lrs[(size_t)t * K + k], m, wd,
+                        losses + (size_t)t * K + k);
         }
-        sgdn_mlp_step(K, n, L, dims, W, b, V, vb, xb, yb, ws, lrs + (size_t)t * K, m, wd,
-                      losses + (size_t)t * K);
-    }
 }
 
 /* Evaluation: every member on the same n examples x (n x I_0) with labels y, adding member
