@@ -6,8 +6,11 @@ momentum and update then stream every weight through memory three more times. Th
 runs a member's forward pass, backward pass and update back to back while its weights are
 in the caches, multiplies with register-blocked loops, applies the weight gradient 6 rows
 at a time as soon as they are summed (never storing it whole), and takes the whole pack's
-step in one call instead of some thirty torch operations. Larger batches run in chunks of
-rows whose activations stay in L2, and a pack's evaluations run in C as well.
+step in one call instead of some thirty torch operations; a call of several steps runs
+them member by member, each member's steps back to back while its weights and momentum stay
+in L2. Larger batches run in chunks of rows whose activations stay in L2, the 10-class
+output layer's backward pass runs along its input's width, and a pack's evaluations run in
+C as well.
 `benchmarks/member_step.py --compare-native` measures it against the torch path,
 `--kernel-only` against the CPU's peak, `benchmarks/large_batch.py` whole large-batch runs.
 
@@ -146,7 +149,8 @@ class NativeMLPStep:
               stream_of: list[int], lrs: torch.Tensor, momentum: float, weight_decay: float,
               buffers: dict[int, torch.Tensor]) -> torch.Tensor:  # fmt: skip
         """T steps of every member in one call, each the same as a `losses` and `step` pair
-        on its batch: member k's batch of step t is rows streams[stream_of[k]][t·n : (t+1)·n]
+        on its batch (member by member: the members are independent, so the order changes
+        no bit): member k's batch of step t is rows streams[stream_of[k]][t·n : (t+1)·n]
         of X (N, ...) and Y (N,). lrs (T, K): the learning rates. Returns the losses (T, K)."""
         T, K = lrs.shape
         n = len(streams[0]) // T

@@ -75,6 +75,9 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
         for (int k = 0; k < kn; k++) {                                                      \
             const float *b = B + (ptrdiff_t)k * bk;                                         \
             v8 b0 = LD(b), b1 = LD(b + jb);                                                 \
+            /* In registers: with 4 rows GCC folded these loads into each row's FMA (12      \
+             * loads per 8 FMAs, bound by the loads). */                                     \
+            if (MR == 4) __asm__("" : "+x"(b0), "+x"(b1));                                  \
             _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) {                          \
                 v8 x = bc(ap[m][(ptrdiff_t)k * ak]);                                        \
                 c0[m] += x * b0;                                                            \
