@@ -95,6 +95,16 @@ MICRO_KERNEL(4)
 /* Row blocks: 6 rows while more than 4 remain, else 4 (a short block repeats its last row). */
 static inline int block_rows(int left) { return left > 4 ? 6 : 4; }
 
+/* A forward pass's rows [0, n6) run in blocks of 6, the rest in blocks of 4: a remainder of
+ * 1 or 2 rows takes two blocks of 4 rather than a 6 and a 4 that repeats 2 or 3 rows (at
+ * B = 8: 4 + 4, not 6 + 4 of which 2 are repeats), 5 a block of 6. */
+static inline int rows_in_sixes(int n) {
+    int n6 = n / 6 * 6, r = n - n6;
+    if (r == 5) return n;
+    if ((r == 1 || r == 2) && n6 >= 6) return n6 - 6;
+    return n6;
+}
+
 static inline void kernel(int mr, int kn, const float *const *a, ptrdiff_t ak, const float *B,
                           ptrdiff_t bk, int jb, v8 *c) {
     if (mr == 6)
@@ -148,12 +158,13 @@ static void linear_fwd(int n, int I, int O, const float *h, int ldh, const float
         return;
     }
     int ja[MAX_STRIPS], jb[MAX_STRIPS];
-    int ns = strips(O, ja, jb);
+    int ns = strips(O, ja, jb), n6 = rows_in_sixes(n);
     for (int s = 0; s < ns; s++) {
         v8 b0 = bias ? LD(bias + ja[s]) : bc(0.0f);
         v8 b1 = bias ? LD(bias + ja[s] + jb[s]) : bc(0.0f);
         for (int r0 = 0; r0 < n;) {
-            int mr = block_rows(n - r0), nr = n - r0 < mr ? n - r0 : mr;
+            int mr = r0 < n6 ? 6 : 4, end = r0 < n6 ? n6 : n;
+            int nr = end - r0 < mr ? end - r0 : mr;
             const float *a[6];
             v8 c[12];
             for (int m = 0; m < mr; m++) {
