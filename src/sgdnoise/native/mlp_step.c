@@ -47,6 +47,14 @@ static inline float hsum(v8 v) {
 /* max(a, 0) that keeps NaN, as torch's relu does (a diverging run must stay NaN). */
 static inline v8 relu8(v8 a) { return (v8)((vi8)a & ~(a < bc(0.0f))); }
 
+/* Keeps two vectors in registers at this point: the compiler may not fold their loads into
+ * the instructions that use them (x86's vector registers; elsewhere nothing). */
+#if defined(__AVX__)
+#define IN_REGISTERS(a, b) __asm__("" : "+x"(a), "+x"(b))
+#else
+#define IN_REGISTERS(a, b) ((void)0)
+#endif
+
 /* a * b + c rounded once. Written out where a sum must keep the order of another path's:
  * the compiler fuses a * b + c only where its tuning likes to (for AMD's Zen, not in a
  * loop-carried sum). */
@@ -75,9 +83,9 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
         for (int k = 0; k < kn; k++) {                                                      \
             const float *b = B + (ptrdiff_t)k * bk;                                         \
             v8 b0 = LD(b), b1 = LD(b + jb);                                                 \
-            /* In registers: with 4 rows GCC folded these loads into each row's FMA (12      \
-             * loads per 8 FMAs, bound by the loads). */                                     \
-            if (MR == 4) __asm__("" : "+x"(b0), "+x"(b1));                                  \
+            /* With 4 rows GCC folded these loads into each row's FMA (12 loads per 8        \
+             * FMAs, bound by the loads). */                                                 \
+            if (MR == 4) IN_REGISTERS(b0, b1);                                              \
             _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) {                          \
                 v8 x = bc(ap[m][(ptrdiff_t)k * ak]);                                        \
                 c0[m] += x * b0;                                                            \
