@@ -97,8 +97,9 @@ def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[to
     idx = [torch.randint(0, p.K * n, (T * n,), generator=g) for _ in range(2)]
     xb, yb = torch.empty(p.K * n, dims[0]), torch.empty(p.K * n, dtype=torch.int64)
     lrs, losses = torch.rand(T, p.K, generator=g) * 0.1, torch.empty(T, p.K)
+    # args[:8]: K, n, L, the widths and the parameter and momentum pointers, as for a step.
     lib.sgdn_mlp_steps(T, *args[:8], p.x.data_ptr(), p.y.data_ptr(), p.ptrs(idx),
-                       (ctypes.c_int64 * 3)(0, 1, 0), xb.data_ptr(), yb.data_ptr(), args[10],
+                       (ctypes.c_int64 * 3)(0, 1, 0), xb.data_ptr(), yb.data_ptr(), p.ws.data_ptr(),
                        lrs.data_ptr(), momentum, 5e-4, losses.data_ptr())  # fmt: skip
     sums = torch.zeros(p.K, 2, dtype=torch.float64)
     W, b = p.ptrs(p.W), p.ptrs(p.b)
@@ -135,7 +136,7 @@ def timing(libs: list[Any], n: int, K: int, rounds: int, T: int = 16) -> list[fl
         args = p.args(lib, 0.9)
         calls.append((T, *args[:8], X.data_ptr(), Y.data_ptr(), p.ptrs(idx),
                       (ctypes.c_int64 * K)(*[k % 2 for k in range(K)]), xb.data_ptr(),
-                      yb.data_ptr(), args[10], lrs.data_ptr(), 0.9, 5e-4, losses.data_ptr()))  # fmt: skip
+                      yb.data_ptr(), p.ws.data_ptr(), lrs.data_ptr(), 0.9, 5e-4, losses.data_ptr()))  # fmt: skip
     flops = 6 * sum(i * o for i, o in zip(DIMS[:-1], DIMS[1:], strict=True)) * n * K * T
     reps = max(1, int(2e8 / flops))
     best = [float("inf")] * len(libs)

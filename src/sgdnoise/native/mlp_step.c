@@ -230,6 +230,17 @@ static void bias_update(int n, int O, const float *g, float *bias, float *vb, fl
     update_row(O, bias, vb, gb, lr, m, wd);
 }
 
+/* The bias's part of a layer's step: its gradient (g's column sums) added into the gradient
+ * buffer's bias row Gb (a chunk of a larger batch), else its update (gb: O floats of
+ * scratch). Nothing without a bias. */
+static void bias_step(int n, int O, const float *g, float *bias, float *vb, float lr, float m,
+                      float wd, float *gb, float *Gb) {
+    if (bias && Gb)
+        column_sums(n, O, g, Gb);
+    else if (bias)
+        bias_update(n, O, g, bias, vb, lr, m, wd, gb);
+}
+
 /* A chunk's weight gradient row gr (len) added into the gradient buffer's row G, in place
  * of the update (which waits for the last chunk). */
 static inline void add_row(int len, float *G, const float *gr) {
@@ -264,10 +275,7 @@ static void linear_bwd_narrow(int n, int I, int O, const float *h, int ldh, cons
         else
             update_row(O, W + (size_t)i * O, V ? V + (size_t)i * O : NULL, gb, lr, m, wd);
     }
-    if (bias && G)
-        column_sums(n, O, g, G + (size_t)I * O);
-    else if (bias)
-        bias_update(n, O, g, bias, vb, lr, m, wd, gb);
+    bias_step(n, O, g, bias, vb, lr, m, wd, gb, G ? G + (size_t)I * O : NULL);
 }
 
 /* dst (cols x rows, rows ldd apart) = src (rows x cols, rows lds apart) transposed; 8 x 8
@@ -380,10 +388,7 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, int ldh, con
             for (; j < I; j++) d[j] = hr[j] > 0.0f ? d[j] : 0.0f;
         }
     }
-    if (bias && G)
-        column_sums(n, O, g, G + (size_t)I * O);
-    else if (bias)
-        bias_update(n, O, g, bias, vb, lr, m, wd, rows);
+    bias_step(n, O, g, bias, vb, lr, m, wd, rows, G ? G + (size_t)I * O : NULL);
 }
 
 /* linear_bwd_fused's vector loop over a row of W for one block of 4 rows of h and g:
@@ -621,10 +626,7 @@ static void linear_bwd_narrow_out(int n, int I, int O, const float *h, int ldh, 
         add_row(I * O, G, dW);
     else
         update_row(I * O, W, V, dW, lr, m, wd);
-    if (bias && G)
-        column_sums(n, O, g, G + (size_t)I * O);
-    else if (bias)
-        bias_update(n, O, g, bias, vb, lr, m, wd, dW);
+    bias_step(n, O, g, bias, vb, lr, m, wd, dW, G ? G + (size_t)I * O : NULL);
 }
 
 /* log(sum_j exp(z_j)) of one row of C logits, shifted by its largest (NaN stays NaN). */
