@@ -42,14 +42,18 @@ SHAPES = [
     ((12, 13, 9), (1, 3, 6, 8, 11, 130)),
     ((30, 100, 15), (2, 5, 8, 9, 40)),
     ((50, 8), (4, 7, 20, 300)),
+    # Layers of 16 to 31 columns and batches of 16 to 33 rows: with AVX-512, strips of two
+    # vectors of 16 that overlap.
+    ((20, 24, 17, 10), (4, 17, 33)),
 ]
 
 
-def build(source: str, out: Path) -> Any:
+def build(source: str, out: Path, extra: tuple[str, ...] = ()) -> Any:
+    """The kernel of `source` built as sgdnoise builds it (plus `extra` compiler flags)."""
     src = out.with_suffix(".c")
     src.write_text(source)
-    subprocess.run(["cc", *FLAGS, CONTRACT["mlp_step"], "-o", str(out), str(src), "-lm"],
-                   check=True, capture_output=True, text=True)  # fmt: skip
+    cmd = ["cc", *FLAGS, CONTRACT["mlp_step"], *extra, "-o", str(out), str(src), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(out))
     for fn, (argtypes, restype) in SIGNATURES["mlp_step"].items():
         getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype

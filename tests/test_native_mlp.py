@@ -249,6 +249,28 @@ def test_the_narrow_output_layers_path_keeps_the_other_paths_bits(tmp_path: Path
     assert kernel_ab.same_bits(a, b)
 
 
+def _has_avx512() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="no AVX-512 on this CPU: the kernel is built "
+                    "without its vectors of 16")  # fmt: skip
+def test_vectors_of_16_give_the_bits_of_vectors_of_8(tmp_path: Path) -> None:
+    """With AVX-512 the products and the update run on vectors of 16 (strips of 32 columns,
+    overlapping at a layer's or a batch's edge); each lane sums what a lane of 8 summed, in
+    the same order: the kernel built without them (-DNO_WIDE) gives the same bits on every
+    shape of benchmarks/kernel_ab.py, layers of 17 and 24 columns and batches of 17 and 33
+    rows among them. So a study gives the same tables on CPUs with and without AVX-512."""
+    kernel_ab = _kernel_ab()
+    source = (Path(__file__).parents[1] / kernel_ab.SOURCE).read_text()
+    wide = kernel_ab.build(source, tmp_path / "wide.so")
+    narrow = kernel_ab.build(source, tmp_path / "narrow.so", extra=("-DNO_WIDE",))
+    assert {17, 24} <= {w for dims, _ in kernel_ab.SHAPES for w in dims}
+    assert {17, 33} <= {n for _, ns in kernel_ab.SHAPES for n in ns}
+    assert kernel_ab.same_bits(wide, narrow)
+
+
 def _kernel_ab() -> Any:
     import importlib.util
 
