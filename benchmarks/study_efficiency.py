@@ -16,11 +16,16 @@ current directory, or --root) and counts, per run:
 Forward FLOPs per example are those of `sgdnoise.pack.forward_flops` (2 per multiply-add of
 the linear and convolution layers). The study's wall time runs from its first run's start to
 its last run's end; a worker's time at a batch size is the union of its runs' intervals
-there (packed runs share theirs). The peak is the fp32 matrix-multiply rate of one thread,
-1024³, measured in this process. The ratio is achieved FLOP/s / (peak × workers), overall and
-per B, and each batch size's worker time is split into what its arithmetic would take at the
-peak, the rest of its training loop (Python, dispatch, memory traffic), and the time outside
-the training loop (evaluation, tracking, set-up).
+there (packed runs share theirs). The peak is the CPU's fp32 limit for one thread, measured in
+this process: the larger of torch's matrix-multiply rate (1024³) and the rate of independent
+fused multiply-adds on the widest vectors the native kernels are built for
+(sgdnoise/native/peak.c). The two differ where the BLAS does not use the CPU's widest
+vectors (on AMD's Zen 5, MKL's product runs vectors of 8 at about 100 GFLOP/s a core and
+the units run vectors of 16 at about 240). The ratio is achieved FLOP/s / (peak × workers),
+overall and per B (beside it, the ratio to torch's product alone), and each batch size's
+worker time is split into what its arithmetic would take at the peak, the rest of its
+training loop (Python, dispatch, memory traffic), and the time outside the training loop
+(evaluation, tracking, set-up).
 """
 
 from __future__ import annotations
@@ -62,6 +67,27 @@ def gemm_peak(n: int = 1024, seconds: float = 3.0) -> float:
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     torch.set_num_threads(threads)
+    return best
+
+
+def fma_peak(seconds: float = 2.0) -> float:
+    """fp32 FLOP/s of one thread's fused multiply-adds on the widest vectors that the native
+    kernels' build targets (sgdnoise/native/peak.c): the best try in `seconds`; 0 without a
+    C compiler."""
+    from sgdnoise.native import library
+
+    lib = library("peak")
+    if lib is None:
+        return 0.0
+    iters = 2_000_000
+    flops = iters * 12 * 2 * lib.sgdn_fma_lanes()
+    lib.sgdn_fma_loop(iters)
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        lib.sgdn_fma_loop(iters)
+        best = max(best, flops / (time.perf_counter() - t0))
     return best
 
 
@@ -196,7 +222,8 @@ def print_table(study: str, e: dict[str, Any], peak: float, workers: int) -> Non
     print(f"\n{study}: {e['runs']} runs in {e['wall_s']:.0f} s on {workers} worker(s); "
           f"{e['train_tflop']:.2f} TFLOP training + {e['eval_tflop']:.2f} evaluation "
           f"({100 * e['eval_share']:.1f} %); {e['achieved_gflops']:.1f} GFLOP/s = "
-          f"{e['ratio']:.2f} of {workers} × {peak / 1e9:.0f} GFLOP/s")  # fmt: skip
+          f"{e['ratio']:.2f} of {workers} × {peak / 1e9:.0f} GFLOP/s "
+          f"({e['ratio_to_gemm']:.2f} of torch's product)")  # fmt: skip
     print(f"{'B':>6} {'runs':>5} {'worker s':>9} {'ratio':>6} {'at peak s':>10} "
           f"{'rest of loop s':>15} {'outside loop s':>15} {'step/peak':>10}")  # fmt: skip
     for r in e["per_batch_size"]:
@@ -220,9 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         ap.error("name a study or pass --all")
     uri = resolve_uri(cfg, root)
-    peak = gemm_peak()
+    gemm, fma = gemm_peak(), fma_peak()
+    peak = max(gemm, fma)
     flops = FlopCounter(root)
-    result: dict[str, Any] = {"peak_gflops_one_thread": peak / 1e9, "workers": args.workers}
+    result: dict[str, Any] = {
+        "peak_gflops_one_thread": peak / 1e9,
+        "gemm_gflops_one_thread": gemm / 1e9,
+        "fma_gflops_one_thread": fma / 1e9,
+        "workers": args.workers,
+    }
+    if not args.json:
+        print(
+            f"peak of one thread: {peak / 1e9:.0f} GFLOP/s (torch's 1024³ product "
+            f"{gemm / 1e9:.0f}, multiply-adds on vectors of the native build {fma / 1e9:.0f})"
+        )
     everything: list[dict[str, Any]] = []
     for study in names:
         records = [
@@ -233,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         everything += records
         result[study] = efficiency(records, peak, args.workers)
+        result[study]["ratio_to_gemm"] = result[study]["ratio"] * peak / gemm
         if not args.json:
             print_table(study, result[study], peak, args.workers)
     if not everything:
@@ -247,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         "tflop": total / 1e12,
         "eval_share": sum(r["eval_flops"] for r in everything) / total,
         "ratio": total / total_wall / (peak * args.workers),
+        "ratio_to_gemm": total / total_wall / (gemm * args.workers),
     }
     if args.json:
         print(json.dumps(result))
     else:
         a = result["all"]
         print(f"\nall ({', '.join(studies)}): {a['tflop']:.2f} TFLOP in {a['wall_s']:.0f} s of "
-              f"sweeps; evaluation {100 * a['eval_share']:.1f} %; ratio {a['ratio']:.2f}")  # fmt: skip
+              f"sweeps; evaluation {100 * a['eval_share']:.1f} %; "
+              f"ratio to torch's product {a['ratio_to_gemm']:.2f}; ratio {a['ratio']:.2f}")  # fmt: skip
     return 0
 
 

@@ -4,7 +4,8 @@ Two loops are too fine-grained for torch or numpy to run near the CPU's limits: 
 MLP step at the small batch sizes of the noise-dominated regime (mlp_step.c, used by
 sgdnoise.models.native_mlp) and the exact NQM recursion, 8,000 steps of a few passes over
 10⁴ dimensions (nqm.c, used by sgdnoise.theory.nqm). Each kernel computes what its Python
-path computes; the tests hold them to each other.
+path computes; the tests hold them to each other. A third measures the CPU's arithmetic limit
+(peak.c, used by benchmarks/study_efficiency.py).
 
 A kernel is compiled with the machine's C compiler (`$CC`, else `cc`) for the CPU it runs on,
 into a cache keyed by the source, the compiler and the machine (`$SGDNOISE_CACHE`, else
@@ -28,7 +29,8 @@ HERE = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared"]
 # The MLP kernel's products are fused multiply-adds; in the NQM kernel a*b + c rounds twice,
 # as numpy's separate operations do, so it gives numpy's bits.
-CONTRACT = {"mlp_step": "-ffp-contract=fast", "nqm": "-ffp-contract=off"}
+CONTRACT = {"mlp_step": "-ffp-contract=fast", "nqm": "-ffp-contract=off",
+            "peak": "-ffp-contract=fast"}  # fmt: skip
 
 _libs: dict[str, Any] = {}  # name -> loaded library, or False once it failed
 
@@ -42,6 +44,10 @@ SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
         "sgdn_mlp_ws_floats": ([_I, _I, _P], _I64),
         "sgdn_mlp_eval": ([_I, _I, _I, *[_P] * 7], None),
         "sgdn_mlp_eval_ws_floats": ([_I, _P], _I64),
+    },
+    "peak": {
+        "sgdn_fma_lanes": ([], _I),
+        "sgdn_fma_loop": ([_I64], _F),
     },
     "nqm": {
         "sgdn_nqm_sgd": ([_I64, *[_P] * 5, _I64, _I64, _P, _I64, _I, _D, _P, _P], _I64),
