@@ -42,6 +42,8 @@ typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
 #define WIDE 1
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
+#define LO(v) __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+#define HI(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
 #endif
 
 #define LD(p) (*(const v8 *)(p))
@@ -472,7 +474,36 @@ static inline __attribute__((always_inline)) void fused_row(
     const float *g3, v8 c0, v8 c1, v8 c2, v8 c3, v8 *d, float *row, v8 vm, v8 vwd, v8 vlr,
     const int has_dx, const int first, const int last, const int has_v) {
     v8 d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
-    for (int j = 0; j < O8; j += 8) {
+    int j = 0;
+#if WIDE
+    /* 16 columns at a time: the weight gradient and the update on vectors of 16; the input
+     * gradient's sums on their two halves in turn, so that each lane of d sums the columns
+     * it sums below, in the same order. */
+    float x0 = c0[0], x1 = c1[0], x2 = c2[0], x3 = c3[0]; /* the rows' inputs */
+    for (; j + 16 <= O8; j += 16) {
+        v16 wj = *(v16 *)(w + j), q0 = *(const v16 *)(g0 + j), q1 = *(const v16 *)(g1 + j);
+        v16 q2 = *(const v16 *)(g2 + j), q3 = *(const v16 *)(g3 + j);
+        if (has_dx) { /* the halves loaded again from L1: cheaper than extracting them */
+            v8 wl = LD(w + j), wh = LD(w + j + 8);
+            d0 += LD(g0 + j) * wl; d1 += LD(g1 + j) * wl; d2 += LD(g2 + j) * wl;
+            d3 += LD(g3 + j) * wl;
+            d0 += LD(g0 + j + 8) * wh; d1 += LD(g1 + j + 8) * wh; d2 += LD(g2 + j + 8) * wh;
+            d3 += LD(g3 + j + 8) * wh;
+        }
+        v16 acc = first ? (v16){0} : *(v16 *)(row + j);
+        acc += x0 * q0 + x1 * q1 + x2 * q2 + x3 * q3;
+        if (!last) {
+            *(v16 *)(row + j) = acc;
+        } else if (has_v) {
+            v16 vj = vm[0] * *(v16 *)(v + j) + (acc + vwd[0] * wj);
+            *(v16 *)(v + j) = vj;
+            *(v16 *)(w + j) = wj - vlr[0] * vj;
+        } else {
+            *(v16 *)(w + j) = wj - vlr[0] * (acc + vwd[0] * wj);
+        }
+    }
+#endif
+    for (; j < O8; j += 8) {
         v8 wj = LD(w + j), q0 = LD(g0 + j), q1 = LD(g1 + j), q2 = LD(g2 + j), q3 = LD(g3 + j);
         if (has_dx) {
             d0 += q0 * wj; d1 += q1 * wj; d2 += q2 * wj; d3 += q3 * wj;
