@@ -42,8 +42,6 @@ typedef int32_t vi8 __attribute__((vector_size(32), aligned(4), may_alias));
 #define WIDE 1
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4), may_alias));
-#define LO(v) __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-#define HI(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
 #endif
 
 #define LD(p) (*(const v8 *)(p))
