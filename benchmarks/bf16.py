@@ -15,6 +15,7 @@ only if the tables do not move (they do: see the README's numbers).
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -50,11 +51,23 @@ def step_speed(root: Path, batch_sizes: list[int]) -> None:
               f"{rate['bf16'] / rate['fp32']:>9.2f}x", flush=True)  # fmt: skip
 
 
+def _with(tree: dict, dotted: str, value: object) -> dict:
+    """A copy of the nested mapping `tree` with `dotted` (e.g. train.batch_size) set."""
+    out = copy.deepcopy(tree)
+    node = out
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return out
+
+
 def study_table(root: Path, study: str, batch_sizes: list[int], precision: str) -> pd.DataFrame:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     spec = dict(params["studies"][study])
-    spec["grid"] = {**spec["grid"], "train.batch_size": batch_sizes}
-    spec["fixed"] = {**spec.get("fixed", {}), "train.precision": precision}
+    # Nested, as params.yaml writes them: a nested key wins over a dotted one.
+    spec["grid"] = _with(spec["grid"], "train.batch_size", batch_sizes)
+    spec["fixed"] = _with(spec.get("fixed", {}), "train.precision", precision)
     params["studies"] = {study: spec}
     projects.write_project(root, params)
     for cmd in (["sweep", study, "--workers", "2"], ["analyze", study, "--no-log"]):
