@@ -137,3 +137,40 @@ def test_two_machines_sharing_two_urls_one_killed_every_point_once(tmp_path: Pat
     assert list((server_dir / "artifacts").rglob("table.csv"))  # stored by the server
     for root in (a, b, c):  # nothing recorded locally on any machine
         assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists()
+
+
+def test_a_worker_finding_the_tables_half_made_tries_again(tmp_path: Path) -> None:
+    """Workers on two machines that start at once: one has made Optuna's tables and is
+    making their version table (its transaction still open) when the other asks whether
+    the study exists. The other's version table collides with it (a duplicate key, once
+    seen in CI); it tries again a second later, when the table is there, instead of
+    failing."""
+    import threading
+
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    from sgdnoise.sweep.spec import Heartbeat
+    from sgdnoise.sweep.storage import open_storage
+
+    with throwaway_postgres() as url:
+        storage = open_storage(url, tmp_path, "far", Heartbeat())
+        engine = sqlalchemy.create_engine(storage.url)
+        models.BaseModel.metadata.create_all(engine)  # the first worker's tables, committed
+        with engine.connect() as conn:
+            tx = conn.begin()
+            conn.execute(sqlalchemy.text(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            ))  # fmt: skip
+            committed = threading.Timer(1.0, tx.commit)
+            committed.start()
+            try:
+                assert storage.exists("far") is False  # waited, collided, tried again
+            finally:
+                committed.join()
+        with engine.connect() as conn:
+            versions = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+            assert len(versions.fetchall()) == 1  # stamped once, by the one that retried
+        engine.dispose()
+        storage.release()

@@ -128,29 +128,38 @@ class PostgresSweepStorage(SweepStorage):
         self._known: set[str] = set()
 
     def _create(self) -> Any:
-        import sqlalchemy.exc
         from optuna.exceptions import ExperimentalWarning
         from optuna.storages import RDBStorage
 
+        def create() -> Any:
+            with warnings.catch_warnings():
+                # heartbeat_interval is "experimental" since Optuna 2.9; it is the
+                # documented liveness mechanism of database storages.
+                warnings.simplefilter("ignore", category=ExperimentalWarning)
+                return RDBStorage(
+                    self.url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=self.heartbeat.interval,
+                    grace_period=self.heartbeat.grace_period,
+                    heartbeat_stale_trial_callback=lambda s, trial: self._stale.append(trial),
+                )
+
+        return self._racing(create)
+
+    def _racing(self, make: Any) -> Any:
+        """make(), an RDBStorage: it creates Optuna's tables and its version table where they
+        are missing, and workers on several machines that start at once create them at once:
+        one wins, the others fail (a duplicate key) and try again."""
+        import sqlalchemy.exc
+
         for attempt in range(3):
             try:
-                with warnings.catch_warnings():
-                    # heartbeat_interval is "experimental" since Optuna 2.9; it is the
-                    # documented liveness mechanism of database storages.
-                    warnings.simplefilter("ignore", category=ExperimentalWarning)
-                    return RDBStorage(
-                        self.url,
-                        engine_kwargs={"pool_pre_ping": True},
-                        heartbeat_interval=self.heartbeat.interval,
-                        grace_period=self.heartbeat.grace_period,
-                        heartbeat_stale_trial_callback=lambda s, trial: self._stale.append(trial),
-                    )
+                return make()
             except sqlalchemy.exc.OperationalError as e:
                 raise ConfigError(
                     "--storage", f"cannot connect to {self.display} ({_first_line(e)})", ALLOWED
                 ) from None
             except sqlalchemy.exc.SQLAlchemyError:
-                # Workers on several machines creating the tables at once: one wins.
                 if attempt == 2:
                     raise
                 time.sleep(1 + attempt)
@@ -176,7 +185,11 @@ class PostgresSweepStorage(SweepStorage):
             ) from None
         finally:
             engine.dispose()
-        storage = RDBStorage(self.url, skip_table_creation=True, skip_compatibility_check=True)
+        # The tables may be half made by a worker starting on another machine: its version
+        # table too, which RDBStorage writes if it is missing.
+        storage = self._racing(
+            lambda: RDBStorage(self.url, skip_table_creation=True, skip_compatibility_check=True)
+        )
         try:
             storage.get_study_id_from_name(study_name)
         except (KeyError, StorageInternalError):
