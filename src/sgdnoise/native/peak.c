@@ -1,9 +1,9 @@
 /* The CPU's fp32 arithmetic limit for one thread: independent chains of fused multiply-adds
  * on the widest vectors this build targets (16 floats with AVX-512, 8 with AVX, else 4).
  * benchmarks/study_efficiency.py times it beside torch's matrix product: a BLAS may not use
- * a CPU's widest vectors (on AMD's Zen 5, torch's MKL multiplies with vectors of 8 at about
- * 100 GFLOP/s a core, while its units run vectors of 16 at about 240), and the study's kernel
- * does; the larger of the two is the peak the study is measured against. */
+ * a CPU's widest vectors (on AMD's Zen 5, torch's product reads about 100 GFLOP/s a core,
+ * the rate of vectors of 8, while its units run vectors of 16 at about 240), and the study's
+ * kernel does; the larger of the two is the peak the study is measured against. */
 #include <stdint.h>
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
