@@ -21,11 +21,11 @@ this process: the larger of torch's matrix-multiply rate (1024³) and the rate o
 fused multiply-adds on the widest vectors the native kernels are built for
 (sgdnoise/native/peak.c). The two differ where the BLAS does not use the CPU's widest
 vectors (on AMD's Zen 5, torch's product reads about 100 GFLOP/s a core, the rate of
-vectors of 8, and the units run vectors of 16 at about 240). The ratio is achieved FLOP/s / (peak × workers),
-overall and per B (beside it, the ratio to torch's product alone), and each batch size's
-worker time is split into what its arithmetic would take at the peak, the rest of its
-training loop (Python, dispatch, memory traffic), and the time outside the training loop
-(evaluation, tracking, set-up).
+vectors of 8, and the units run vectors of 16 at about 240). The ratio is achieved
+FLOP/s / (peak × workers), overall and per B (beside it, the ratio to torch's product
+alone), and each batch size's worker time is split into what its arithmetic would take at
+the peak, the rest of its training loop (Python, dispatch, memory traffic), and the time
+outside the training loop (evaluation, tracking, set-up).
 """
 
 from __future__ import annotations

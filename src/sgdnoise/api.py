@@ -120,6 +120,7 @@ def analyze(
 
 def _exists(uri: str) -> bool:
     """False for a local SQLite store that is not there (MLflow would create an empty one)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).is_file()
-    return True
+    from sgdnoise.tracking import sqlite_file
+
+    path = sqlite_file(uri)
+    return path is None or path.is_file()

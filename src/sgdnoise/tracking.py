@@ -104,20 +104,23 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store's URI (None for other stores)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 _WAL: set[str] = set()  # SQLite stores known to be in write-ahead-log mode
 
 
 def _write_ahead_log(uri: str) -> None:
     """A local SQLite store in write-ahead-log mode, a setting its file keeps: a commit (MLflow
     makes about 14 per run) then syncs the disk once instead of two or three times (the
-    calls of a sweep run, in a scratch benchmark here: 64-89 ms -> 47-56 ms), and readers (the UI, an analysis) no longer block the
-    workers' writes. Still one sync per commit: a finished run survives a power cut, as
+    calls of a sweep run, in a scratch benchmark here: 64-89 ms -> 47-56 ms), and readers
+    (the UI, an analysis) no longer block the workers' writes. Still one sync per commit: a finished run survives a power cut, as
     before. A store that does not exist yet is left to MLflow to create; a later call sets
     the mode."""
-    if uri in _WAL or not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///") :])
-    if not path.is_file():
+    path = None if uri in _WAL else sqlite_file(uri)
+    if path is None or not path.is_file():
         return
     import sqlite3
 

@@ -7,8 +7,8 @@
  * every weight through memory again. Here a member's forward pass, backward pass and
  * update run back to back while its weights are still in the caches; the products are
  * the register-blocked outer-product loop below (6 or 4 rows x 16 columns of
- * accumulators, 32 with AVX-512), the backward pass reads each row of weights once for the input gradient,
- * the weight gradient and the update, and the weight gradient is applied a block of 6 rows
+ * accumulators, 32 with AVX-512), the backward pass reads each row of weights once for the
+ * input gradient, the weight gradient and the update, and the weight gradient is applied a block of 6 rows
  * at a time, as soon as it is summed, never stored whole. An output layer of 8 to 15
  * classes runs its backward pass along its input's width instead (linear_bwd_narrow_out).
  * sgdn_mlp_steps takes several steps per call.
@@ -77,11 +77,11 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
 
 /* The micro-kernel: for MR rows m (row pointers a[m]; a short block repeats a row),
  * c[2m] += sum_k a[m][k*ak] * B[k*bk + 0..VW-1] and c[2m+1] += ... * B[k*bk + jb ..]
- * (vectors VT of VW floats):
- * 2 MR accumulators in registers, each B row segment loaded once for the MR rows. */
-#define MICRO_KERNEL(MR, VT, SFX)                                                                   \
-    static inline void mk##MR##_##SFX(int kn, const float *const *a, ptrdiff_t ak, const float *B,  \
-                              ptrdiff_t bk, int jb, VT *c) {                              \
+ * (vectors VT of VW floats): 2 MR accumulators in registers, each B row segment loaded once
+ * for the MR rows. */
+#define MICRO_KERNEL(MR, VT, SFX)                                                           \
+    static inline void mk##MR##_##SFX(int kn, const float *const *a, ptrdiff_t ak,          \
+                                      const float *B, ptrdiff_t bk, int jb, VT *c) {        \
         VT c0[MR], c1[MR];                                                                  \
         const float *ap[MR];                                                                \
         for (int m = 0; m < MR; m++) {                                                      \
@@ -91,12 +91,12 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
         }                                                                                   \
         for (int k = 0; k < kn; k++) {                                                      \
             const float *b = B + (ptrdiff_t)k * bk;                                         \
-            VT b0 = *(const VT *)b, b1 = *(const VT *)(b + jb);                                                 \
+            VT b0 = *(const VT *)b, b1 = *(const VT *)(b + jb);                             \
             /* With 4 rows GCC folded these loads into each row's FMA (12 loads per 8        \
              * FMAs, bound by the loads). */                                                 \
             if (MR == 4) IN_REGISTERS(b0, b1);                                              \
             _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) {                          \
-                float x = ap[m][(ptrdiff_t)k * ak];                                        \
+                float x = ap[m][(ptrdiff_t)k * ak];                                         \
                 c0[m] += x * b0;                                                            \
                 c1[m] += x * b1;                                                            \
             }                                                                               \
