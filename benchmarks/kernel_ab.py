@@ -45,6 +45,9 @@ SHAPES = [
     # Layers of 16 to 31 columns and batches of 16 to 33 rows: with AVX-512, strips of two
     # vectors of 16 that overlap.
     ((20, 24, 17, 10), (4, 17, 33)),
+    # A hidden layer of 24 columns (a group of 16 and one of 8) whose input gradient the
+    # one-pass backward computes, on partial and whole blocks of 4 rows, in one block of 8.
+    ((20, 40, 24, 10), (3, 4, 6, 8)),
 ]
 
 

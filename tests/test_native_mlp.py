@@ -259,15 +259,24 @@ def _has_avx512() -> bool:
 def test_vectors_of_16_give_the_bits_of_vectors_of_8(tmp_path: Path) -> None:
     """With AVX-512 the products and the update run on vectors of 16 (strips of 32 columns,
     overlapping at a layer's or a batch's edge); each lane sums what a lane of 8 summed, in
-    the same order: the kernel built without them (-DNO_WIDE) gives the same bits on every
-    shape of benchmarks/kernel_ab.py, layers of 17 and 24 columns and batches of 17 and 33
-    rows among them. So a study gives the same tables on CPUs with and without AVX-512."""
+    the same order. The one-pass backward (B <= 8) sums each row's input gradient in two
+    halves (even and odd groups of 8 columns) that one vector of 16 holds, reduces four
+    rows at once, and with AVX-512 takes 5 to 8 rows in one pass: the kernel built without
+    them (-DNO_WIDE) gives the same bits on every shape of benchmarks/kernel_ab.py, layers
+    of 17 and 24 columns, batches of 17 and 33 rows, and a hidden layer of 24 columns (a
+    group of 16, then one of 8) whose input gradient is summed for 3 to 8 rows among them.
+    So a study gives the same tables on CPUs with and without AVX-512."""
     kernel_ab = _kernel_ab()
     source = (Path(__file__).parents[1] / kernel_ab.SOURCE).read_text()
     wide = kernel_ab.build(source, tmp_path / "wide.so")
     narrow = kernel_ab.build(source, tmp_path / "narrow.so", extra=("-DNO_WIDE",))
     assert {17, 24} <= {w for dims, _ in kernel_ab.SHAPES for w in dims}
     assert {17, 33} <= {n for _, ns in kernel_ab.SHAPES for n in ns}
+    # A layer with an input gradient (not the first) of 16 k + 8 columns, at 5 to 8 rows.
+    assert any(
+        any(w % 16 == 8 for w in dims[2:-1]) and any(4 < n <= 8 for n in ns)
+        for dims, ns in kernel_ab.SHAPES
+    )
     assert kernel_ab.same_bits(wide, narrow)
 
 

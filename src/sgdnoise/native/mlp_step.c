@@ -53,6 +53,34 @@ static inline float hsum(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+#if WIDE
+/* sum[r] = hsum(lo + hi) of each of four vectors of 16 D_r (lo, hi: their halves), the four
+ * reduced together: the halves' lanes added (l + l + 8), then within each half as hsum
+ * adds, (l + l + 4), then adjacent pairs, then the two pairs. */
+static inline void dx_sums4(v16 D0, v16 D1, v16 D2, v16 D3, float *sum) {
+    /* X = [lo0 + hi0 | lo1 + hi1], Y = the same of D2, D3 (blocks of 4 lanes: 0-3 4-7 ..). */
+    v16 X = __builtin_shufflevector(D0, D1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                    22, 23) +
+            __builtin_shufflevector(D0, D1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                    29, 30, 31);
+    v16 Y = __builtin_shufflevector(D2, D3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                    22, 23) +
+            __builtin_shufflevector(D2, D3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                    29, 30, 31);
+    /* F: block r holds a_l = t_l + t_{l+4} of row r's t = lo + hi. */
+    v16 F = __builtin_shufflevector(X, Y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
+                                    26, 27) +
+            __builtin_shufflevector(X, Y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29,
+                                    30, 31);
+    /* (a0 + a1), (a2 + a3), then their sum, in lane 0 of each block. */
+    v16 G = F + __builtin_shufflevector(F, F, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12,
+                                        15, 14);
+    v16 H = G + __builtin_shufflevector(G, G, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15,
+                                        12, 13);
+    sum[0] = H[0], sum[1] = H[4], sum[2] = H[8], sum[3] = H[12];
+}
+#endif
+
 /* Keeps two vectors in registers at this point: the compiler may not fold their loads into
  * the instructions that use them (x86's vector registers; elsewhere nothing). */
 #if defined(__AVX512F__)
@@ -73,6 +101,11 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
     return a * b + c;
 #endif
 }
+#if WIDE
+static inline v16 fma16(v16 a, v16 b, v16 c) {
+    return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#endif
 
 
 /* The micro-kernel: for MR rows m (row pointers a[m]; a short block repeats a row),
@@ -463,63 +496,176 @@ static void linear_bwd_blocked(int n, int I, int O, const float *h, int ldh, con
     bias_step(n, O, g, bias, vb, lr, m, wd, rows, G ? G + (size_t)I * O : NULL);
 }
 
+/* fused_row's step over 8 columns, without vectors of 16 (d: the rows' sums it adds to). */
+static inline __attribute__((always_inline)) void fused_8(
+    float *w, float *v, const float *g0, const float *g1, const float *g2, const float *g3,
+    v8 c0, v8 c1, v8 c2, v8 c3, v8 *d, float *row, v8 vm, v8 vwd, v8 vlr, const int has_dx,
+    const int first, const int last, const int has_v) {
+    v8 wj = LD(w), q0 = LD(g0), q1 = LD(g1), q2 = LD(g2), q3 = LD(g3);
+    if (has_dx) {
+        d[0] = fma8(q0, wj, d[0]), d[1] = fma8(q1, wj, d[1]), d[2] = fma8(q2, wj, d[2]);
+        d[3] = fma8(q3, wj, d[3]);
+    }
+    v8 acc = first ? bc(0.0f) : LD(row);
+    acc += c0 * q0 + c1 * q1 + c2 * q2 + c3 * q3;
+    if (!last) {
+        ST(row, acc);
+    } else if (has_v) {
+        v8 vj = vm * LD(v) + (acc + vwd * wj);
+        ST(v, vj);
+        ST(w, wj - vlr * vj);
+    } else {
+        ST(w, wj - vlr * (acc + vwd * wj));
+    }
+}
+
+#if WIDE
+/* fused_row's step over 16 columns (mask k: all, or the low 8 of a last group of 8). */
+#define LDK(k, p) ((k) == 0xFFFF ? *(const v16 *)(p) : (v16)_mm512_maskz_loadu_ps(k, p))
+#define STK(k, p, a)                                                                       \
+    do {                                                                                   \
+        if ((k) == 0xFFFF)                                                                 \
+            *(v16 *)(p) = (a);                                                             \
+        else                                                                               \
+            _mm512_mask_storeu_ps(p, k, (__m512)(a));                                      \
+    } while (0)
+static inline __attribute__((always_inline)) void fused_16(
+    float *w, float *v, const float *g0, const float *g1, const float *g2, const float *g3,
+    float x0, float x1, float x2, float x3, v16 *D, float *row, float m, float wd, float lr,
+    const __mmask16 k, const int has_dx, const int first, const int last, const int has_v) {
+    v16 wj = LDK(k, w), q0 = LDK(k, g0), q1 = LDK(k, g1), q2 = LDK(k, g2), q3 = LDK(k, g3);
+    if (has_dx) {
+        D[0] = fma16(q0, wj, D[0]), D[1] = fma16(q1, wj, D[1]), D[2] = fma16(q2, wj, D[2]);
+        D[3] = fma16(q3, wj, D[3]);
+    }
+    v16 acc = first ? (v16){0} : LDK(k, row);
+    acc += x0 * q0 + x1 * q1 + x2 * q2 + x3 * q3;
+    if (!last) {
+        STK(k, row, acc);
+    } else if (has_v) {
+        v16 vj = m * LDK(k, v) + (acc + wd * wj);
+        STK(k, v, vj);
+        STK(k, w, wj - lr * vj);
+    } else {
+        STK(k, w, wj - lr * (acc + wd * wj));
+    }
+}
+#endif
+
 /* linear_bwd_fused's vector loop over a row of W for one block of 4 rows of h and g:
  * specialized by the compiler for each combination of the constant flags (the input
  * gradient wanted, the first block, the last block, a momentum buffer), so the loop carries
- * no branches (at B = 4 it runs 32 times per row of a 256-wide layer). */
+ * no branches (at B = 4 it runs 16 times per row of a 256-wide layer).
+ *
+ * The input gradient's sums over the first O8 columns into sum[0..3]: the columns in groups
+ * of 8, the even groups into the lanes of lo, the odd ones into those of hi (each lane in
+ * the order of the columns), then hsum(lo + hi). Two chains of multiply-adds per row, not
+ * one, so that the loop is not bound by their latency; with vectors of 16, lo and hi are
+ * the halves of one, and the four rows' sums are reduced together (dx_sums4), in the same
+ * order. */
 static inline __attribute__((always_inline)) void fused_row(
     int O8, float *w, float *v, const float *g0, const float *g1, const float *g2,
-    const float *g3, v8 c0, v8 c1, v8 c2, v8 c3, v8 *d, float *row, v8 vm, v8 vwd, v8 vlr,
-    const int has_dx, const int first, const int last, const int has_v) {
-    v8 d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+    const float *g3, v8 c0, v8 c1, v8 c2, v8 c3, float *sum, float *row, v8 vm, v8 vwd,
+    v8 vlr, const int has_dx, const int first, const int last, const int has_v) {
     int j = 0;
 #if WIDE
-    /* 16 columns at a time: the weight gradient and the update on vectors of 16; the input
-     * gradient's sums on their two halves in turn, so that each lane of d sums the columns
-     * it sums below, in the same order. */
     float x0 = c0[0], x1 = c1[0], x2 = c2[0], x3 = c3[0]; /* the rows' inputs */
+    v16 D[4] = {{0}, {0}, {0}, {0}};
+    for (; j + 16 <= O8; j += 16)
+        fused_16(w + j, v ? v + j : v, g0 + j, g1 + j, g2 + j, g3 + j, x0, x1, x2, x3, D,
+                 row + j, vm[0], vwd[0], vlr[0], 0xFFFF, has_dx, first, last, has_v);
+    if (j < O8) /* a last group of 8 (an even one: the low half), its loads and stores masked */
+        fused_16(w + j, v ? v + j : v, g0 + j, g1 + j, g2 + j, g3 + j, x0, x1, x2, x3, D,
+                 row + j, vm[0], vwd[0], vlr[0], 0x00FF, has_dx, first, last, has_v);
+    if (has_dx) dx_sums4(D[0], D[1], D[2], D[3], sum);
+#else
+    v8 lo[4] = {bc(0.0f), bc(0.0f), bc(0.0f), bc(0.0f)}, hi[4] = {lo[0], lo[0], lo[0], lo[0]};
     for (; j + 16 <= O8; j += 16) {
-        v16 wj = *(v16 *)(w + j), q0 = *(const v16 *)(g0 + j), q1 = *(const v16 *)(g1 + j);
-        v16 q2 = *(const v16 *)(g2 + j), q3 = *(const v16 *)(g3 + j);
-        if (has_dx) { /* the halves loaded again from L1: cheaper than extracting them */
-            v8 wl = LD(w + j), wh = LD(w + j + 8);
-            d0 += LD(g0 + j) * wl; d1 += LD(g1 + j) * wl; d2 += LD(g2 + j) * wl;
-            d3 += LD(g3 + j) * wl;
-            d0 += LD(g0 + j + 8) * wh; d1 += LD(g1 + j + 8) * wh; d2 += LD(g2 + j + 8) * wh;
-            d3 += LD(g3 + j + 8) * wh;
-        }
-        v16 acc = first ? (v16){0} : *(v16 *)(row + j);
-        acc += x0 * q0 + x1 * q1 + x2 * q2 + x3 * q3;
-        if (!last) {
-            *(v16 *)(row + j) = acc;
-        } else if (has_v) {
-            v16 vj = vm[0] * *(v16 *)(v + j) + (acc + vwd[0] * wj);
-            *(v16 *)(v + j) = vj;
-            *(v16 *)(w + j) = wj - vlr[0] * vj;
-        } else {
-            *(v16 *)(w + j) = wj - vlr[0] * (acc + vwd[0] * wj);
-        }
+        fused_8(w + j, v ? v + j : v, g0 + j, g1 + j, g2 + j, g3 + j, c0, c1, c2, c3, lo,
+                row + j, vm, vwd, vlr, has_dx, first, last, has_v);
+        fused_8(w + j + 8, v ? v + j + 8 : v, g0 + j + 8, g1 + j + 8, g2 + j + 8, g3 + j + 8,
+                c0, c1, c2, c3, hi, row + j + 8, vm, vwd, vlr, has_dx, first, last, has_v);
     }
+    if (j < O8) /* a last, even group */
+        fused_8(w + j, v ? v + j : v, g0 + j, g1 + j, g2 + j, g3 + j, c0, c1, c2, c3, lo,
+                row + j, vm, vwd, vlr, has_dx, first, last, has_v);
+    if (has_dx)
+        for (int r = 0; r < 4; r++) sum[r] = hsum(lo[r] + hi[r]);
 #endif
-    for (; j < O8; j += 8) {
-        v8 wj = LD(w + j), q0 = LD(g0 + j), q1 = LD(g1 + j), q2 = LD(g2 + j), q3 = LD(g3 + j);
-        if (has_dx) {
-            d0 += q0 * wj; d1 += q1 * wj; d2 += q2 * wj; d3 += q3 * wj;
-        }
-        v8 acc = first ? bc(0.0f) : LD(row + j);
-        acc += c0 * q0 + c1 * q1 + c2 * q2 + c3 * q3;
-        if (!last) {
-            ST(row + j, acc);
-        } else if (has_v) {
-            v8 vj = vm * LD(v + j) + (acc + vwd * wj);
-            ST(v + j, vj);
-            ST(w + j, wj - vlr * vj);
-        } else {
-            ST(w + j, wj - vlr * (acc + vwd * wj));
+}
+
+#if WIDE
+/* The one-pass backward pass for 5 to 8 rows in one pass over each row of W instead of two
+ * (the 32 vector registers of AVX-512 hold the 8 rows' input-gradient sums, their gradient
+ * rows and the weight gradient): linear_bwd_fused's sums, in its order (the first block's
+ * weight gradient, then the second block's added to it; each block's input gradient as
+ * fused_row sums it), without storing and reloading the first block's sums in `row` or
+ * loading W twice. For layers whose width O is a multiple of 8. */
+static inline __attribute__((always_inline)) void fused8_16(
+    float *w, float *v, const float *const *gp, const float *x, v16 *D, float m, float wd,
+    float lr, const __mmask16 k, const int has_dx, const int has_v) {
+    v16 wj = LDK(k, w), q[8];
+    for (int r = 0; r < 8; r++) q[r] = LDK(k, gp[r]);
+    if (has_dx)
+        for (int r = 0; r < 8; r++) D[r] = fma16(q[r], wj, D[r]);
+    v16 acc = (v16){0};
+    acc += x[0] * q[0] + x[1] * q[1] + x[2] * q[2] + x[3] * q[3];
+    acc += x[4] * q[4] + x[5] * q[5] + x[6] * q[6] + x[7] * q[7];
+    if (has_v) {
+        v16 vj = m * LDK(k, v) + (acc + wd * wj);
+        STK(k, v, vj);
+        STK(k, w, wj - lr * vj);
+    } else {
+        STK(k, w, wj - lr * (acc + wd * wj));
+    }
+}
+
+static inline __attribute__((always_inline)) void fused8_row(
+    int O, float *w, float *v, const float *const *gp, const float *x, v16 *D, float m,
+    float wd, float lr, const int has_dx, const int has_v) {
+    int j = 0;
+    for (; j + 16 <= O; j += 16) {
+        const float *gj[8];
+        for (int r = 0; r < 8; r++) gj[r] = gp[r] + j;
+        fused8_16(w + j, v ? v + j : v, gj, x, D, m, wd, lr, 0xFFFF, has_dx, has_v);
+    }
+    if (j < O) { /* a last group of 8 */
+        const float *gj[8];
+        for (int r = 0; r < 8; r++) gj[r] = gp[r] + j;
+        fused8_16(w + j, v ? v + j : v, gj, x, D, m, wd, lr, 0x00FF, has_dx, has_v);
+    }
+}
+
+static void linear_bwd_fused8(int n, int I, int O, const float *h, int ldh, const float *g,
+                              float *W, float *V, float *bias, float *vb, float *dx, float lr,
+                              float m, float wd, float *row) {
+    int ldg = padded(O), ldx = padded(I);
+    const float *gp[8]; /* rows beyond n: the second block's first, with weight 0 */
+    for (int r = 0; r < 8; r++) gp[r] = g + (size_t)(r < n ? r : 4) * ldg;
+    for (int i = 0; i < I; i++) {
+        float *w = W + (size_t)i * O, *v = V ? V + (size_t)i * O : NULL;
+        float x[8];
+        for (int r = 0; r < 8; r++) x[r] = r < n ? h[(size_t)r * ldh + i] : 0.0f;
+        v16 D[8] = {{0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}};
+        if (dx && v)
+            fused8_row(O, w, v, gp, x, D, m, wd, lr, 1, 1);
+        else if (dx)
+            fused8_row(O, w, v, gp, x, D, m, wd, lr, 1, 0);
+        else if (v)
+            fused8_row(O, w, v, gp, x, D, m, wd, lr, 0, 1);
+        else
+            fused8_row(O, w, v, gp, x, D, m, wd, lr, 0, 0);
+        if (dx) {
+            float s[8];
+            dx_sums4(D[0], D[1], D[2], D[3], s);
+            dx_sums4(D[4], D[5], D[6], D[7], s + 4);
+            for (int r = 0; r < n; r++) /* + 0.0f: linear_bwd_fused adds its (empty) tail's */
+                dx[(size_t)r * ldx + i] = x[r] > 0.0f ? s[r] + 0.0f : 0.0f;
         }
     }
-    d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
+    if (bias) bias_update(n, O, g, bias, vb, lr, m, wd, row);
 }
+#endif
 
 /* For few rows (n <= FUSED_MAX_N): the backward pass and update of one layer in one pass
  * over W. h (n x I): its input; g (n x O): the loss's
@@ -533,6 +679,12 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
                              float *W, float *V, float *bias, float *vb, float *dx, float lr,
                              float m, float wd, float *row) {
     int O8 = O - O % 8, ldg = padded(O), ldx = padded(I);
+#if WIDE
+    if (n > 4 && O8 == O) {
+        linear_bwd_fused8(n, I, O, h, ldh, g, W, V, bias, vb, dx, lr, m, wd, row);
+        return;
+    }
+#endif
     v8 vm = bc(m), vwd = bc(wd), vlr = bc(lr);
     for (int i = 0; i < I; i++) {
         float *w = W + (size_t)i * O, *v = V ? V + (size_t)i * O : NULL;
@@ -547,13 +699,13 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
             float x2 = nr > 2 ? h[(size_t)(r0 + 2) * ldh + i] : 0.0f;
             float x3 = nr > 3 ? h[(size_t)(r0 + 3) * ldh + i] : 0.0f;
             v8 c0 = bc(x0), c1 = bc(x1), c2 = bc(x2), c3 = bc(x3);
-            v8 d[4] = {bc(0.0f), bc(0.0f), bc(0.0f), bc(0.0f)};
+            float sum[4];
             float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
             switch ((dx != NULL) << 3 | (r0 == 0) << 2 | last << 1 | (v != NULL)) {
 #define FUSED_ROW(DX, FIRST, LAST, HV)                                                    \
     case DX << 3 | FIRST << 2 | LAST << 1 | HV:                                            \
-        fused_row(O8, w, v, g0, g1, g2, g3, c0, c1, c2, c3, d, row, vm, vwd, vlr, DX, FIRST, \
-                  LAST, HV);                                                               \
+        fused_row(O8, w, v, g0, g1, g2, g3, c0, c1, c2, c3, sum, row, vm, vwd, vlr, DX,      \
+                  FIRST, LAST, HV);                                                        \
         break;
                 FUSED_ROW(0, 0, 0, 0) FUSED_ROW(0, 0, 0, 1) FUSED_ROW(0, 0, 1, 0)
                 FUSED_ROW(0, 0, 1, 1) FUSED_ROW(0, 1, 0, 0) FUSED_ROW(0, 1, 0, 1)
@@ -563,7 +715,6 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
                 FUSED_ROW(1, 1, 1, 1)
 #undef FUSED_ROW
             }
-            v8 d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
             for (int j = O8; j < O; j++) {
                 float wj = w[j];
                 if (dx) {
@@ -581,7 +732,7 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
                 }
             }
             if (dx) {
-                float s[4] = {hsum(d0) + s0, hsum(d1) + s1, hsum(d2) + s2, hsum(d3) + s3};
+                float s[4] = {sum[0] + s0, sum[1] + s1, sum[2] + s2, sum[3] + s3};
                 for (int r = 0; r < nr; r++) {
                     float x = h[(size_t)(r0 + r) * ldh + i];
                     dx[(size_t)(r0 + r) * ldx + i] = x > 0.0f ? s[r] : 0.0f;
@@ -761,6 +912,13 @@ static int64_t grad_floats(int L, const int64_t *dims) {
     return s;
 }
 
+/* Floats rounded up to a cache line's 16: each part of the workspace starts on a line (the
+ * workspace does, as torch's allocations do), so that a row of a padded buffer is read in
+ * whole lines. (The gradient rows of the one-pass backward once started half a line in,
+ * after the 10-wide logits: every load of 16 floats touched two lines, and at B = 4 the
+ * 256 x 256 layer's backward pass took 1.6 times as long.) */
+static inline int64_t lines(int64_t floats) { return (floats + 15) / 16 * 16; }
+
 /* Floats of workspace sgdn_mlp_step needs for members of n rows: one chunk's activations
  * (every layer's output), two gradient buffers and two for their transposes (rows padded),
  * 6 rows of scratch and the narrow output layer's; for a batch in several chunks, the
@@ -768,8 +926,9 @@ static int64_t grad_floats(int L, const int64_t *dims) {
 int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
     int c = chunk_rows(n), wide = widest(L, dims);
     int64_t s = 0;
-    for (int l = 1; l <= L; l++) s += (int64_t)c * padded((int)dims[l]);
-    s += 2 * (int64_t)c * padded(wide) + 2 * (int64_t)wide * padded(c) + 6 * wide + NARROW_WS(wide);
+    for (int l = 1; l <= L; l++) s += lines((int64_t)c * padded((int)dims[l]));
+    s += 2 * lines((int64_t)c * padded(wide)) + 2 * lines((int64_t)wide * padded(c)) +
+         lines(6 * (int64_t)wide) + lines(NARROW_WS(wide));
     return c < n ? s + grad_floats(L, dims) : s;
 }
 
@@ -785,11 +944,12 @@ static void member_step(int k, int n, int L, const int64_t *dims, float *const *
     ld[0] = (int)dims[0];
     for (int l = 1; l <= L; l++) ld[l] = padded((int)dims[l]);
     float *acts = ws, *at = ws;
-    for (int l = 1; l <= L; l++) at += (size_t)c * ld[l];
-    float *ga = at, *gb = ga + (size_t)c * padded(wide), *gT = gb + (size_t)c * padded(wide);
-    float *dxT = gT + (size_t)wide * padded(c), *row = dxT + (size_t)wide * padded(c);
-    float *nar = row + 6 * wide;
-    float *G = chunked ? nar + NARROW_WS(wide) : NULL, *Gl[64]; /* layer l's gradients at Gl[l] */
+    for (int l = 1; l <= L; l++) at += lines((int64_t)c * ld[l]);
+    float *ga = at, *gb = ga + lines((int64_t)c * padded(wide));
+    float *gT = gb + lines((int64_t)c * padded(wide));
+    float *dxT = gT + lines((int64_t)wide * padded(c)), *row = dxT + lines((int64_t)wide * padded(c));
+    float *nar = row + lines(6 * (int64_t)wide);
+    float *G = chunked ? nar + lines(NARROW_WS(wide)) : NULL, *Gl[64]; /* layer l's at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
         Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
     float inv = 1.0f / (float)n, total = 0.0f;
@@ -805,7 +965,7 @@ static void member_step(int k, int n, int L, const int64_t *dims, float *const *
             linear_fwd(nc, I, O, ins[l], ld[l], W[l] + (size_t)k * I * O, bk, out, ld[l + 1],
                        l < L - 1);
             ins[l + 1] = out;
-            out += (size_t)nc * ld[l + 1];
+            out += lines((int64_t)c * ld[l + 1]);
         }
         /* Logits -> the loss (log-sum-exp) and the gradient (softmax - onehot) / n. */
         const float *z = ins[L];
