@@ -105,6 +105,7 @@ static inline v8 fma8(v8 a, v8 b, v8 c) {
 static inline v16 fma16(v16 a, v16 b, v16 c) {
     return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 }
+static inline v16 bc16(float a) { return (v16){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
 #endif
 
 
@@ -241,6 +242,49 @@ FWD_STRIPS(v16, vi16, 16, 16)
 
 /* out (n x O, rows ldo apart) = h (n x I, rows ldh apart) W (I x O) + bias, then ReLU when
  * `relu` (max(a, 0) that keeps NaN, as torch's relu does: a diverging run must stay NaN). */
+#if WIDE
+/* The forward pass of a layer of 9 to 15 columns (the classes) on one vector of 16 per row,
+ * its loads and stores masked to the O columns, mr rows at a time (a short block repeats
+ * its last row): half the multiply-adds of fwd_strips8's two overlapping vectors of 8.
+ * Each lane sums what theirs sum, in the same order. */
+static inline __attribute__((always_inline)) void fwd_narrow16_rows(
+    int nr, int I, int O, const float *h, int ldh, const float *W, const float *bias,
+    float *out, int ldo, int relu, const int mr) {
+    __mmask16 k16 = (__mmask16)((1u << O) - 1);
+    v16 b = bias ? (v16)_mm512_maskz_loadu_ps(k16, bias) : (v16){0}, c[8];
+    const float *a[8];
+    for (int m = 0; m < mr; m++) {
+        a[m] = h + (size_t)(m < nr ? m : nr - 1) * ldh;
+        c[m] = b;
+    }
+    for (int k = 0; k < I; k++) {
+        v16 wk = (v16)_mm512_maskz_loadu_ps(k16, W + (size_t)k * O);
+        for (int m = 0; m < mr; m++) {
+            float x = a[m][k];
+            c[m] += x * wk;
+        }
+    }
+    for (int m = 0; m < nr; m++) {
+        v16 x = c[m];
+        if (relu) x = (v16)((vi16)x & ~(x < (v16){0}));
+        _mm512_mask_storeu_ps(out + (size_t)m * ldo, k16, (__m512)x);
+    }
+}
+
+static void fwd_narrow16(int n, int I, int O, const float *h, int ldh, const float *W,
+                         const float *bias, float *out, int ldo, int relu) {
+    int r0 = 0;
+    for (; r0 + 8 <= n; r0 += 8)
+        fwd_narrow16_rows(8, I, O, h + (size_t)r0 * ldh, ldh, W, bias, out + (size_t)r0 * ldo,
+                          ldo, relu, 8);
+    for (; r0 < n; r0 += 4) {
+        int nr = n - r0 < 4 ? n - r0 : 4;
+        fwd_narrow16_rows(nr, I, O, h + (size_t)r0 * ldh, ldh, W, bias, out + (size_t)r0 * ldo,
+                          ldo, relu, 4);
+    }
+}
+#endif
+
 static void linear_fwd(int n, int I, int O, const float *h, int ldh, const float *W,
                        const float *bias, float *out, int ldo, int relu) {
     if (O < 8) { /* narrower than one vector: plain loops */
@@ -255,6 +299,10 @@ static void linear_fwd(int n, int I, int O, const float *h, int ldh, const float
 #if WIDE
     if (O >= 16) {
         fwd_strips16(n, I, O, h, ldh, W, bias, out, ldo, relu);
+        return;
+    }
+    if (O > 8) {
+        fwd_narrow16(n, I, O, h, ldh, W, bias, out, ldo, relu);
         return;
     }
 #endif
@@ -748,9 +796,54 @@ static void linear_bwd_fused(int n, int I, int O, const float *h, int ldh, const
  * them, 6 columns of g at a time (the last 6 may repeat some); then dx (when given), a block
  * of 6 rows at a time (a short block repeats its last), each sum over the columns in order,
  * as dx^T = W g^T sums it. nv x 6 accumulators stay in registers. */
+#if WIDE
+/* narrow_blocked for two vectors of 8 columns i as one vector of 16: the same sums, each
+ * lane in its order. */
+static void narrow_blocked16(int n, int O, const float *h, int ldh, const float *g, int ldg,
+                             const float *WT, int ldw, float *dWT, float *dx, int ldx, int i) {
+    for (int j0 = 0; j0 < O; j0 += 6) {
+        int j = j0 + 6 <= O ? j0 : O - 6;
+        v16 acc[6];
+        for (int q = 0; q < 6; q++) acc[q] = (v16){0};
+        for (int r = 0; r < n; r++) {
+            v16 hv = *(const v16 *)(h + (size_t)r * ldh + i);
+            const float *gr = g + (size_t)r * ldg + j;
+            for (int q = 0; q < 6; q++) acc[q] = fma16(hv, bc16(gr[q]), acc[q]);
+        }
+        for (int q = 0; q < 6; q++) *(v16 *)(dWT + (size_t)(j + q) * ldw + i) = acc[q];
+    }
+    if (!dx) return;
+    for (int r0 = 0; r0 < n;) {
+        int nr = n - r0 < 6 ? n - r0 : 6;
+        const float *gq[6];
+        v16 acc[6];
+        for (int q = 0; q < 6; q++) {
+            gq[q] = g + (size_t)(r0 + (q < nr ? q : nr - 1)) * ldg;
+            acc[q] = (v16){0};
+        }
+        for (int j = 0; j < O; j++) {
+            v16 wv = *(const v16 *)(WT + (size_t)j * ldw + i);
+            for (int q = 0; q < 6; q++) acc[q] = fma16(wv, bc16(gq[q][j]), acc[q]);
+        }
+        for (int q = 0; q < nr; q++) {
+            v16 hr = *(const v16 *)(h + (size_t)(r0 + q) * ldh + i);
+            *(v16 *)(dx + (size_t)(r0 + q) * ldx + i) =
+                (v16)((vi16)acc[q] & (vi16)(hr > (v16){0}));
+        }
+        r0 += nr;
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void narrow_blocked(
     int n, int O, const float *h, int ldh, const float *g, int ldg, const float *WT, int ldw,
     float *dWT, float *dx, int ldx, int i, const int nv) {
+#if WIDE
+    if (nv == 2) {
+        narrow_blocked16(n, O, h, ldh, g, ldg, WT, ldw, dWT, dx, ldx, i);
+        return;
+    }
+#endif
     for (int j0 = 0; j0 < O; j0 += 6) {
         int j = j0 + 6 <= O ? j0 : O - 6;
         v8 acc[2][6];
@@ -824,7 +917,25 @@ static void linear_bwd_narrow_out(int n, int I, int O, const float *h, int ldh, 
             v8 q[FUSED_MAX_N];
             for (int r = 0; r < n + (-n & 3); r++)
                 q[r] = bc(g[(size_t)(r < n ? r : r & ~3) * ldg + j]);
-            for (int i0 = 0; i0 < I; i0 += 8) {
+            int i0 = 0;
+#if WIDE
+            for (; i0 + 16 <= I; i0 += 16) { /* the same sums, 16 columns at a time */
+                v16 acc = (v16){0}, Q[FUSED_MAX_N];
+                for (int r = 0; r < n + (-n & 3); r++) Q[r] = bc16(q[r][0]);
+                for (int r0 = 0; r0 < n; r0 += 4) {
+                    int nr = n - r0 < 4 ? n - r0 : 4;
+                    const float *hr = h + (size_t)r0 * ldh + i0;
+                    v16 c0 = *(const v16 *)hr;
+                    v16 c1 = nr > 1 ? *(const v16 *)(hr + ldh) : (v16){0};
+                    v16 c2 = nr > 2 ? *(const v16 *)(hr + 2 * ldh) : (v16){0};
+                    v16 c3 = nr > 3 ? *(const v16 *)(hr + 3 * ldh) : (v16){0};
+                    acc += fma16(c3, Q[r0 + 3],
+                                 fma16(c2, Q[r0 + 2], fma16(c0, Q[r0], c1 * Q[r0 + 1])));
+                }
+                *(v16 *)(dWT + (size_t)j * ldw + i0) = acc;
+            }
+#endif
+            for (; i0 < I; i0 += 8) {
                 int i = i0 + 8 <= I ? i0 : I - 8;
                 v8 acc = bc(0.0f);
                 for (int r0 = 0; r0 < n; r0 += 4) {
@@ -846,7 +957,24 @@ static void linear_bwd_narrow_out(int n, int I, int O, const float *h, int ldh, 
                 const float *gr = g + (size_t)r * ldg;
                 v8 q[NARROW_MAX_O];
                 for (int j = 0; j < O; j++) q[j] = bc(gr[j]);
-                for (int i0 = 0; i0 < I; i0 += 8) {
+                int i0 = 0;
+#if WIDE
+                for (; i0 + 16 <= I; i0 += 16) { /* the same sums, 16 columns at a time */
+                    v16 p[8], tail = (v16){0};
+                    const float *wt = WT + i0;
+                    for (int j = 0; j < 8; j++)
+                        p[j] = fma16(bc16(gr[j]), *(const v16 *)(wt + (size_t)j * ldw),
+                                     (v16){0});
+                    for (int j = 8; j < O; j++)
+                        tail = fma16(bc16(gr[j]), *(const v16 *)(wt + (size_t)j * ldw), tail);
+                    v16 sv = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+                    sv = sv + tail;
+                    v16 hr = *(const v16 *)(h + (size_t)r * ldh + i0);
+                    *(v16 *)(dx + (size_t)r * ldx + i0) =
+                        (v16)((vi16)sv & (vi16)(hr > (v16){0}));
+                }
+#endif
+                for (; i0 < I; i0 += 8) {
                     int i = i0 + 8 <= I ? i0 : I - 8;
                     v8 p[8], tail = bc(0.0f);
                     const float *wt = WT + i;
@@ -947,7 +1075,8 @@ static void member_step(int k, int n, int L, const int64_t *dims, float *const *
     for (int l = 1; l <= L; l++) at += lines((int64_t)c * ld[l]);
     float *ga = at, *gb = ga + lines((int64_t)c * padded(wide));
     float *gT = gb + lines((int64_t)c * padded(wide));
-    float *dxT = gT + lines((int64_t)wide * padded(c)), *row = dxT + lines((int64_t)wide * padded(c));
+    float *dxT = gT + lines((int64_t)wide * padded(c));
+    float *row = dxT + lines((int64_t)wide * padded(c));
     float *nar = row + lines(6 * (int64_t)wide);
     float *G = chunked ? nar + lines(NARROW_WS(wide)) : NULL, *Gl[64]; /* layer l's at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
