@@ -20,32 +20,10 @@ from pathlib import Path
 import kernel_ab
 import projects
 import torch
+from pack_steps import configs
 
-from sgdnoise.config import Config, from_dict
+from sgdnoise.config import Config
 from sgdnoise.pack import train_pack
-
-DATA = {"name": "mnist1d", "num_samples": 4000}
-
-
-def configs(batch_size: int, members: int, steps: int) -> list[Config]:
-    return [
-        from_dict(
-            {
-                "data": DATA,
-                "model": {"name": "mlp"},
-                "train": {
-                    "optimizer": "momentum",
-                    "lr_eff": 0.01 * (k + 1),
-                    "seed": k % 2,
-                    "batch_size": batch_size,
-                    "budget": {"unit": "steps", "value": steps},
-                    "eval_points": 1,
-                    "threads": 1,
-                },
-            }
-        )  # fmt: skip
-        for k in range(members)
-    ]
 
 
 def loop_time(root: Path, cfgs: list[Config]) -> float:
@@ -66,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loop-vs-kernel-") as tmp:
         root = Path(tmp)
         lib = kernel_ab.build(source, root / "kernel.so")
-        projects.write_project(root, {"data": DATA})
+        projects.write_project(root, {"data": {"name": "mnist1d", "num_samples": 4000}})
         for B in args.batch_sizes:
             loops: dict[int, list[float]] = {K: [] for K in args.packs}
             kernel: list[float] = []
             for _ in range(args.rounds):
                 kernel += kernel_ab.timing([lib], B, 8, 3)
                 for K in args.packs:
-                    loops[K].append(loop_time(root, configs(B, K, args.steps)))
+                    loops[K].append(loop_time(root, configs(None, B, K, args.steps)))
             print(f"B = {B}: kernel {min(kernel):.2f}–{max(kernel):.2f}; "
                   + "; ".join(f"loop, pack of {K}: {min(v):.2f}–{max(v):.2f}"
                               for K, v in loops.items())

@@ -25,7 +25,8 @@ RUNS = 32
 STEPS = 400
 
 
-def configs(width: int | None, batch_size: int) -> list:
+def configs(width: int | None, batch_size: int, runs: int = RUNS, steps: int = STEPS) -> list:
+    """`runs` momentum runs (learning rates 0.01, 0.02, ...; seeds 0 and 1) of `steps` steps."""
     return [
         from_dict(
             {
@@ -36,13 +37,13 @@ def configs(width: int | None, batch_size: int) -> list:
                     "lr_eff": 0.01 * (k + 1),
                     "seed": k % 2,
                     "batch_size": batch_size,
-                    "budget": {"unit": "steps", "value": STEPS},
+                    "budget": {"unit": "steps", "value": steps},
                     "eval_points": 1,
                     "threads": 1,
                 },
             }
         )  # fmt: skip
-        for k in range(RUNS)
+        for k in range(runs)
     ]
 
 
