@@ -25,7 +25,8 @@ vectors of 8, and the units run vectors of 16 at about 240). The ratio is achiev
 FLOP/s / (peak × workers), overall and per B (beside it, the ratio to torch's product
 alone), and each batch size's worker time is split into what its arithmetic would take at
 the peak, the rest of its training loop (Python, dispatch, memory traffic), and the time
-outside the training loop (evaluation, tracking, set-up).
+outside the training loop (evaluation, tracking, set-up). Per study, the time workers spent
+in no run: between their runs, and at the start and end (one waiting while another ends).
 """
 
 from __future__ import annotations
@@ -177,6 +178,24 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds the workers spent in no run of the study, summed over workers: between two of
+    their runs (claiming, reporting, setting up the next pack) and before their first run or
+    after their last while another worker was still busy (waiting out the end)."""
+    start = min(r["start"] for r in records)
+    end = max(r["end"] for r in records)
+    per_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        per_worker[r["worker"]].append((r["start"], r["end"]))
+    between = edges = 0.0
+    for intervals in per_worker.values():
+        first = min(a for a, _ in intervals)
+        last = max(b for _, b in intervals)
+        between += (last - first) - _union(intervals)
+        edges += (first - start) + (end - last)
+    return {"between_runs_s": between, "start_and_end_s": edges}
+
+
 def efficiency(records: list[dict[str, Any]], peak: float, workers: int) -> dict[str, Any]:
     wall = max(r["end"] for r in records) - min(r["start"] for r in records)
     train = sum(r["train_flops"] for r in records)
@@ -189,6 +208,7 @@ def efficiency(records: list[dict[str, Any]], peak: float, workers: int) -> dict
         "eval_share": evals / (train + evals),
         "achieved_gflops": (train + evals) / wall / 1e9,
         "ratio": (train + evals) / wall / (peak * workers),
+        "idle": idle(records),
         "per_batch_size": [],
     }
     by_b: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -224,6 +244,8 @@ def print_table(study: str, e: dict[str, Any], peak: float, workers: int) -> Non
           f"({100 * e['eval_share']:.1f} %); {e['achieved_gflops']:.1f} GFLOP/s = "
           f"{e['ratio']:.2f} of {workers} × {peak / 1e9:.0f} GFLOP/s "
           f"({e['ratio_to_gemm']:.2f} of torch's product)")  # fmt: skip
+    print(f"workers in no run: {e['idle']['between_runs_s']:.1f} s between runs, "
+          f"{e['idle']['start_and_end_s']:.1f} s at the start and end")  # fmt: skip
     print(f"{'B':>6} {'runs':>5} {'worker s':>9} {'ratio':>6} {'at peak s':>10} "
           f"{'rest of loop s':>15} {'outside loop s':>15} {'step/peak':>10}")  # fmt: skip
     for r in e["per_batch_size"]:

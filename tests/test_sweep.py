@@ -266,6 +266,12 @@ def test_the_efficiency_benchmark_reads_a_finished_study(two_worker_project) -> 
     fwd = 2 * (d * 16 + 16 * 16 + 16 * k)  # the 16-unit MLP's multiply-adds
     assert g["train_tflop"] * 1e12 == pytest.approx(3 * 3 * fwd * 300 * (16 + 32))
     assert 0 < g["eval_share"] < 1 and g["ratio"] > 0 and g["ratio_to_gemm"] >= g["ratio"]
+    # Time in no run, per worker: between its runs and at the study's two ends; with the
+    # workers' busy time, at most the study's wall time on each.
+    idle = g["idle"]
+    assert idle["between_runs_s"] >= 0 and idle["start_and_end_s"] >= 0
+    busy = sum(r["worker_s"] for r in g["per_batch_size"])
+    assert busy + idle["between_runs_s"] + idle["start_and_end_s"] <= 2 * g["wall_s"] + 1e-6
     # The peak: the larger of torch's product and the native multiply-add loop, both measured.
     gemm, fma = e["gemm_gflops_one_thread"], e["fma_gflops_one_thread"]
     assert gemm > 0 and fma > 0 and e["peak_gflops_one_thread"] == max(gemm, fma)
@@ -309,13 +315,15 @@ def test_a_worker_claims_the_most_work_first(tmp_path: Path) -> None:
 
 
 def test_two_workers_share_the_largest_budget(tmp_path: Path) -> None:
-    """A pack takes at most a fair share of the work free when it is claimed: of the four
-    480-step points (4 x 480 + 4 x 48 steps free, half of it is 2.2 points' work), the first
-    pack takes 3 and the next claim the fourth, not one worker all four while the other
-    trains the short runs and then waits."""
+    """A pack takes about a fair share of the work free when it is claimed (to the nearest
+    member): of the four 480-step points (4 x 480 + 4 x 48 steps free, half of it is 2.2
+    points' work), the first pack takes 2; the other worker's claim then finds 1.2 points'
+    share (480 + 480 + 4 x 48 free, halved) and takes 1, and the last is a pack of its own,
+    not one worker all four (or three) while the other trains the short runs and then
+    waits."""
     root = make_project(tmp_path, {"budgets": BUDGETS})
     ok(cli(root, "sweep", "budgets", "--workers", "2"))
-    assert packs_by_budget(root)[480] == [1, 3, 3, 3]
+    assert packs_by_budget(root)[480] == [1, 1, 2, 2]
 
 
 def test_a_restart_into_the_same_store_adopts_its_finished_runs(tmp_path: Path) -> None:
@@ -330,6 +338,48 @@ def test_a_restart_into_the_same_store_adopts_its_finished_runs(tmp_path: Path) 
     trials, children = check_exactly_once(root, "again")
     assert {r["run_id"] for r in children} == before
     assert sorted(t.user_attrs["adopted"] for t in trials) == [True, True]
+
+
+def test_only_a_point_tried_before_is_looked_up_in_the_store(tmp_path: Path) -> None:
+    """A worker adopts a point's FINISHED run (left by a worker that died after the run
+    finished, before Optuna heard) instead of training it again. In a sweep whose store held
+    no runs of the study when the worker started, only a point with an earlier trial (as
+    recover() queues a dead worker's point again) can have one; the store is searched for
+    those points alone (each search costs milliseconds, eight between two packs)."""
+    from mlflow.tracking import MlflowClient
+
+    from sgdnoise import contract as C
+    from sgdnoise import tracking
+    from sgdnoise.config import raw_params
+    from sgdnoise.paths import default_tracking_uri
+    from sgdnoise.sweep.spec import load_spec
+    from sgdnoise.sweep.storage import open_storage
+    from sgdnoise.sweep.study import setup
+    from sgdnoise.sweep.trials import enqueue, load_study
+    from sgdnoise.sweep.worker import Worker
+
+    study = {"grid": {"train.lr_eff": [0.5], "train.seed": [0]}, "edges": {"extend": False}}
+    root = make_project(tmp_path, {"once": study})
+    spec = load_spec(raw_params(root / "params.yaml"), "once")
+    store = open_storage(None, root, spec.optuna_name, spec.heartbeat)
+    uri = default_tracking_uri(root)
+    ctx = setup(spec, store, root, uri, lambda line: None)
+    worker = Worker(ctx, lambda values, tags: None)
+    worker.study = load_study(spec, store)
+    assert not tracking.has_children(uri, ctx.parent_run_id)
+    worker._runs_at_start = False  # what run() finds in this fresh store
+    (trial,) = worker.study.get_trials(deepcopy=False)
+    # The run a dead worker left: finished, never told to Optuna.
+    mlf = MlflowClient(uri)
+    tags = {C.PARENT: ctx.parent_run_id, C.RUN_KEY: trial.user_attrs["run_key"]}
+    run = mlf.create_run(mlf.get_run(ctx.parent_run_id).info.experiment_id, tags=tags)
+    mlf.set_terminated(run.info.run_id, "FINISHED")
+    assert worker._finished_run(trial) is None  # one trial of the point: never tried before
+    enqueue(worker.study, spec, spec.point(json.loads(trial.user_attrs["point"])), "grid")
+    found = worker._finished_run(trial)
+    assert found is not None and found[0] == run.info.run_id
+    # A worker started now finds the study's runs in the store, and looks every point up.
+    assert tracking.has_children(uri, ctx.parent_run_id)
 
 
 # ---- kill -9 of a worker mid-run, then a restart ----

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from functools import cache
@@ -158,8 +159,8 @@ def experiment_id(mlf, name: str, root: Path | None = None) -> str:
 _EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
 
 
-def _create_run(mlf, name: str, root: Path, run_name: str, tags: dict[str, str]) -> str:
-    """A new run in experiment `name` (created if missing); its id."""
+def _create_run(mlf, name: str, root: Path, run_name: str, tags: dict[str, str]) -> Any:
+    """A new run in experiment `name` (created if missing): its RunInfo."""
     key = (mlf.tracking_uri, name)
     cached = key in _EXPERIMENT_IDS
     exp = _EXPERIMENT_IDS[key] if cached else experiment_id(mlf, name, root)
@@ -172,13 +173,24 @@ def _create_run(mlf, name: str, root: Path, run_name: str, tags: dict[str, str])
         del _EXPERIMENT_IDS[key]
         return _create_run(mlf, name, root, run_name, tags)
     _EXPERIMENT_IDS[key] = exp
-    return run.info.run_id
+    return run.info
 
 
 @cache
 def _experiment_of(uri: str, run_id: str) -> str:
     """A run's experiment (a run never moves to another)."""
     return client(uri).get_run(run_id).info.experiment_id
+
+
+def _log_json(artifact_uri: str, uri: str, obj: Any, name: str) -> None:
+    """What MlflowClient.log_dict writes, into a run whose artifact location is known: its
+    lookup of the run (a query, a fifth of a run's start in a sweep) is left out."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, default=str))
+        get_artifact_repository(artifact_uri, tracking_uri=uri).log_artifact(str(path))
 
 
 class TrackingUnavailable(RuntimeError):
@@ -244,19 +256,21 @@ class RunTracker:
             # Started by `mlflow run`: log into the run it created. Params it already
             # logged are immutable, so only the missing ones are added.
             self.run_id = attached
-            existing = self.mlf.get_run(attached).data.params
+            run = self.mlf.get_run(attached)
+            existing, artifact_uri = run.data.params, run.info.artifact_uri
             self.mlf.update_run(attached, status="RUNNING", name=run_name)
         else:
-            self.run_id = _create_run(
+            info = _create_run(
                 self.mlf, self.cfg.tracking.experiment, self.root, run_name, all_tags
             )
+            self.run_id, artifact_uri = info.run_id, info.artifact_uri
             all_tags = {}
         self.mlf.log_batch(
             self.run_id,
             params=[Param(k, _param_value(v)) for k, v in params.items() if k not in existing],
             tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
         )
-        self.mlf.log_dict(self.run_id, self.cfg.to_dict(), "config.json")
+        _log_json(artifact_uri, self.uri, self.cfg.to_dict(), "config.json")
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -469,6 +483,15 @@ def child_runs(
             max_results=10000,
         )
     )
+
+
+def has_children(uri: str, parent_run_id: str) -> bool:
+    """Whether a study run has any child run (in any state, deleted ones included)."""
+    from mlflow.entities import ViewType
+
+    filt = f"tags.`{C.PARENT}` = '{parent_run_id}'"
+    exp = [_experiment_of(uri, parent_run_id)]
+    return bool(client(uri).search_runs(exp, filt, run_view_type=ViewType.ALL, max_results=1))
 
 
 def finished_child(

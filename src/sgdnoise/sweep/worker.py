@@ -140,20 +140,23 @@ class Worker:
         self.tally = Tally()
         self.study: Any = None
         self.live: Any = None
+        self._runs_at_start = True  # whether the store held this study's runs at run()
 
     # ---- the loop ----
     def run(self) -> Tally:
         self.study = load_study(self.spec, self.store)
         self.trials = Trials(self.study)
+        self._runs_at_start = tracking.has_children(self.ctx.tracking_uri, self.ctx.parent_run_id)
         self.live = self.store.liveness(self.spec.optuna_name, self.worker_id)
         self.live.start()
         try:
             while True:
+                token = self.store.version()
                 step = self._next()
                 if step == DONE:
                     break
                 if step == WAIT:
-                    time.sleep(self.poll)
+                    self.store.wait(token, self.poll)
                 elif step != AGAIN:
                     alone = len(step) == 1 and not self._pack_of_one(step[0])
                     group = self._execute(step) if alone else self._execute_pack(step)
@@ -258,11 +261,13 @@ class Worker:
         if len(free) - len(mates) < self.ctx.workers - 1:
             # No other group for every other worker: leave them their share of this one.
             size = min(size, -(-(len(mates) + 1) // self.ctx.workers))
-        # A pack's work at most a fair share of the work free now (rounded up to a member),
-        # so that one worker does not train most of a study's largest budget while the
-        # others run out of work.
+        # A pack's work about a fair share of the work free now (to the nearest member), so
+        # that one worker does not train most of a study's largest budget while the others
+        # run out of work. Rounded up, a study's last two long runs (an edge point's seeds,
+        # added when its neighbours finished) went to one worker whenever a few short runs
+        # were still free: the other waited out the pair (epoch_budgets: 7 s of 31).
         fair = (self._work(first) + sum(self._work(t) for t in free)) / self.ctx.workers
-        size = min(size, max(1, math.ceil(fair / self._work(first))))
+        size = min(size, max(1, math.floor(fair / self._work(first) + 0.5)))
         pack = [first]
         for t in mates:
             if len(pack) >= size:
@@ -279,9 +284,8 @@ class Worker:
         """Train (or adopt) the claimed trial; return its group when it completed."""
         (t,) = trials
         values = json.loads(t.user_attrs["point"])
-        run_key = t.user_attrs["run_key"]
         point = self.spec.point(values)
-        found = tracking.finished_child(self.ctx.tracking_uri, self.ctx.parent_run_id, run_key)
+        found = self._finished_run(t)
         if found is not None and self._adopt(t, found):
             self.log(f"trial {t.number} {point.run_name}: adopted finished run {found[0]}")
             return point.group
@@ -297,15 +301,29 @@ class Worker:
                 return None
         return point.group if self._report(t, result, t0) else None
 
+    def _finished_run(self, t: FrozenTrial) -> tuple[str, dict[str, float], str] | None:
+        """The FINISHED run of t's point in the tracking store, if there is one (adopted,
+        not trained again). Only a point tried before can have one: the store held runs of
+        this study when this worker started (an earlier sweep, --restart, other machines'
+        workers), or the journal holds an earlier trial of the point (of a worker that died
+        or was stopped after its run finished, before Optuna heard). Otherwise the store's
+        search is left out: a few ms a point, 8 of them between two packs."""
+        if not self._runs_at_start:
+            key = t.user_attrs["run_key"]
+            trials = self.study.get_trials(deepcopy=False)
+            if sum(x.user_attrs.get("run_key") == key for x in trials) < 2:
+                return None
+        return tracking.finished_child(
+            self.ctx.tracking_uri, self.ctx.parent_run_id, t.user_attrs["run_key"]
+        )
+
     def _execute_pack(self, trials: list[FrozenTrial]) -> str | None:
         """Adopt what finished already, train the rest as one pack; each member is reported
         as soon as it finishes or diverges. Returns the group when all completed."""
         group = self.spec.point(json.loads(trials[0].user_attrs["point"])).group
         todo = []
         for t in trials:
-            found = tracking.finished_child(
-                self.ctx.tracking_uri, self.ctx.parent_run_id, t.user_attrs["run_key"]
-            )
+            found = self._finished_run(t)
             if found is not None and self._adopt(t, found):
                 self.log(f"trial {t.number} {t.user_attrs.get('run_name', '')}: adopted "
                          f"finished run {found[0]}")  # fmt: skip
