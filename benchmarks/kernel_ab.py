@@ -59,7 +59,8 @@ def build(source: str, out: Path, extra: tuple[str, ...] = ()) -> Any:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(out))
     for fn, (argtypes, restype) in SIGNATURES["mlp_step"].items():
-        getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
+        if hasattr(lib, fn):  # an older revision may lack a newer function
+            getattr(lib, fn).argtypes, getattr(lib, fn).restype = argtypes, restype
     return lib
 
 
@@ -92,9 +93,12 @@ class Pack:
                 self.ws.data_ptr(), self.lrs, momentum, 5e-4, self.losses.data_ptr())  # fmt: skip
 
 
-def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[torch.Tensor]:
+def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float,
+            accumulated: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """Parameters, momentum and losses after 3 steps, then 4 more in one multi-step call
-    (members 0 and 2 share a data order), then an evaluation's sums."""
+    (members 0 and 2 share a data order), then an evaluation's sums; with `accumulated`
+    (both kernels have sgdn_mlp_accum_step) and n of at least 9 rows, then a step in two
+    micro-batches of n rows: its losses, squared norms and the parameters after it."""
     p = Pack(dims, 3, n)
     args = p.args(lib, momentum)
     for _ in range(3):
@@ -112,15 +116,27 @@ def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float) -> list[to
     W, b = p.ptrs(p.W), p.ptrs(p.b)
     lib.sgdn_mlp_eval(p.K, n, L, p.c_dims, W, b, p.x.data_ptr(), p.y.data_ptr(), p.ws.data_ptr(),
                       sums.data_ptr())  # fmt: skip
-    return [*p.W, *p.b, *p.V, *p.vb, p.losses, losses, sums]
+    out = [*p.W, *p.b, *p.V, *p.vb, p.losses, losses, sums]
+    if accumulated and n >= 9:
+        J = 2
+        x = torch.randn(p.K * J * n, dims[0], generator=g)
+        y = torch.randint(0, dims[-1], (p.K * J * n,), generator=g)
+        grads = torch.empty(lib.sgdn_mlp_grad_floats(L, p.c_dims))
+        acc_losses, sq = torch.empty(p.K), torch.empty(p.K, 2, dtype=torch.float64)
+        lib.sgdn_mlp_accum_step(p.K, J, n, *args[2:8], x.data_ptr(), y.data_ptr(),
+                                p.ws.data_ptr(), grads.data_ptr(), p.lrs, momentum, 5e-4,
+                                acc_losses.data_ptr(), sq.data_ptr())  # fmt: skip
+        out += [*p.W, *p.b, *p.V, *p.vb, acc_losses, sq]
+    return out
 
 
 def same_bits(a: Any, b: Any) -> bool:
     ok = True
+    accumulated = all(hasattr(lib, "sgdn_mlp_accum_step") for lib in (a, b))
     for dims, ns in SHAPES:
         for n in ns:
             for m in (0.9, 0.0):
-                oa, ob = outputs(a, dims, n, m), outputs(b, dims, n, m)
+                oa, ob = outputs(a, dims, n, m, accumulated), outputs(b, dims, n, m, accumulated)
                 if not all(torch.equal(u, v) for u, v in zip(oa, ob, strict=True)):
                     print(f"  differ: widths {dims}, n = {n}, momentum {m}")
                     ok = False

@@ -127,6 +127,66 @@ def test_native_step_equals_the_torch_path(model: dict, n: int, momentum: float)
             assert ((va - vb).abs().max() / vb.abs().max()).item() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "model, J, n",
+    [({}, 4, 16), ({}, 16, 32), ({"depth": 1, "width": 6}, 3, 9), ({}, 2, 150)],
+    ids=["default-4x16", "default-16x32", "thin-3x9", "default-2x150-chunks"],
+)
+@pytest.mark.parametrize("momentum", [0.9, 0.0], ids=["momentum", "sgd"])
+def test_micro_batches_summed_in_the_kernel_equal_the_torch_path(
+    model: dict, J: int, n: int, momentum: float
+) -> None:
+    """Gradient accumulation through the kernel (`accumulated_step`: each micro-batch's
+    gradient, their mean, one update) against the torch path's micro-batches one by one, with
+    the gradient-noise window reading both: the parameters, the losses and the window's sums
+    (each micro-batch's squared gradient norm, that of their mean) agree. Then the same
+    step with the whole batch at once through the kernel: a step of J micro-batches is the
+    step of one batch of J·n rows."""
+    from sgdnoise.theory.noise_scale import NoiseWindow
+
+    a, b = mlp_pair(model, K=3, momentum=momentum)
+    whole = mlp_pair(model, K=3, momentum=momentum)[0]
+    wa, wb = NoiseWindow(3, J, n, J * n), NoiseWindow(3, J, n, J * n)
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(900, *SHAPE, generator=g), torch.randint(0, 10, (900,), generator=g)
+    for step in range(6):
+        lrs = [0.02 * (k + 1) for k in range(3)]
+        idx = torch.randint(0, 900, (3, J * n), generator=g)  # member-major rows
+        la, sq = a.accumulated_step(X[idx.reshape(-1)], Y[idx.reshape(-1)], J, lrs)
+        wa.add_step(sq[:, 0], J, sq[:, 1])
+        for j in range(J):
+            mb = idx[:, j * n : (j + 1) * n].reshape(-1)
+            lb = b.losses(X[mb], Y[mb], contextlib.nullcontext)
+            b.backward(lb, J)
+            wb.after_micro_batch(b.grads(), j)
+        wb.after_step(b.grads())
+        b.step(lrs)
+        lw = whole.losses(X[idx.reshape(-1)], Y[idx.reshape(-1)], contextlib.nullcontext)
+        whole.backward(lw, 1)
+        whole.step(lrs)
+        assert torch.allclose(la, lb, rtol=LOSS_RTOL, atol=0), step
+        assert torch.allclose(wa.sums, wb.sums, rtol=1e-4, atol=0), step
+    assert_close(a, b)
+    assert_close(a, whole)
+    assert wa.steps == wb.steps == 6 and wa.sums[:, 2].tolist() == [6.0 * J] * 3
+
+
+def test_micro_batches_of_at_most_8_rows_are_not_summed_in_the_kernel() -> None:
+    """The kernel sums micro-batches of at least native_mlp.MIN_MICRO rows (fewer fuse the
+    update into the backward pass); a pack with smaller ones keeps the torch path."""
+    from sgdnoise.pack import native_step
+
+    a, _ = mlp_pair({}, K=2, momentum=0.9)
+    with pytest.raises(ValueError, match="at least 9 rows"):
+        a.accumulated_step(torch.randn(32, *SHAPE), torch.zeros(32, dtype=torch.int64), 4,
+                           [0.1, 0.1])  # fmt: skip
+    cfg = {"train": {"batch_size": 64}}
+    assert native_step(from_dict(cfg), on_gpu=False)
+    assert native_step(from_dict({"train": {"batch_size": 64, "micro_batch_size": 16}}), False)
+    assert not native_step(from_dict({"train": {"batch_size": 64, "micro_batch_size": 8}}), False)
+    assert not native_step(from_dict(cfg), on_gpu=True)
+
+
 def test_layers_without_bias() -> None:
     torch.manual_seed(0)
     template = nn.Sequential(nn.Flatten(), nn.Linear(40, 24, bias=False), nn.ReLU(),

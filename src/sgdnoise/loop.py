@@ -416,6 +416,7 @@ class Loop:
         X, Y = self.s.data.train_x, self.s.data.train_y
         idx, aug = self._batches(s)
         losses = torch.zeros(0)
+        summed: list[tuple[torch.Tensor, torch.Tensor]] = []  # micro-batches for the kernel
         for j in range(self.k):
             mb = idx[:, j * self.micro : (j + 1) * self.micro] if self.k > 1 else idx
             x, y = X[mb.reshape(-1)], Y[mb].reshape(-1)
@@ -423,14 +424,33 @@ class Loop:
                 lo = self.rank * self.share + j * self.micro
                 x = apply_crop_flip(x, *(torch.cat([a[i][lo : lo + self.micro] for a in aug])
                                          for i in range(3)))  # fmt: skip
+            if self.k > 1 and getattr(self.net, "native", None) is not None:
+                summed.append((x, y))
+                continue
             with self.net.accumulating(j < self.k - 1):
                 losses = self.net.losses(x, y, self.autocast)
                 self.net.backward(losses, self.k)
             if self.window is not None:
                 self.window.after_micro_batch(self.net.grads(), j)
+        if summed:
+            return self._summed_step(s, summed)
         if self.window is not None:
             self.window.after_step(self.net.grads())
         self.net.step([m.lrs[s] for m in self.members])
+        return losses
+
+    def _summed_step(self, s: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Step s's micro-batches (member-major each) in one call of the C kernel (one
+        process): each micro-batch's gradient, for the noise window its squared norm, their
+        mean, the update; the last micro-batch's losses."""
+        K = len(self.members)
+        x = torch.stack([x.reshape(K, self.micro, -1) for x, _ in parts], 1)
+        y = torch.stack([y.reshape(K, self.micro) for _, y in parts], 1)
+        losses, sq = self.net.accumulated_step(x.reshape(K * self.k * self.micro, -1),
+                                               y.reshape(-1), self.k,
+                                               [m.lrs[s] for m in self.members])  # fmt: skip
+        if self.window is not None:
+            self.window.add_step(sq[:, 0], self.k, sq[:, 1])
         return losses
 
     def _batches(self, s: int) -> tuple[torch.Tensor, list[tuple] | None]:

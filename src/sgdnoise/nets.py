@@ -154,8 +154,8 @@ class StackedNet:
                  fp32: bool = True, native: bool = False):  # fmt: skip
         """`fp32`: no autocast (bf16 steps go through autograd, which autocast hooks).
         `native`: a plain MLP may step through the C kernel (the caller checks that the
-        parameters are on the CPU and that every step is one micro-batch: the kernel fuses
-        the backward pass with the update)."""
+        parameters are on the CPU and that every step is one micro-batch, which the kernel
+        fuses with the update, or micro-batches it sums: `accumulated_step`)."""
         self.task, self.eval_batch = task, eval_batch
         self.stack = StackedModel(template, states)
         layers = mlp_layers(self.stack.module) if fp32 and task == "classification" else None
@@ -206,7 +206,8 @@ class StackedNet:
 
     def backward(self, losses: torch.Tensor, micro_batches: int) -> None:
         if self.native is not None:
-            # Fused with the update in step(): one micro-batch per step, nothing to add up.
+            # Fused with the update in step(): one micro-batch per step, nothing to add up
+            # (micro-batches go through accumulated_step).
             if micro_batches != 1:
                 raise RuntimeError("the native MLP step takes one micro-batch per step")
             return
@@ -235,6 +236,16 @@ class StackedNet:
                    if b is not None}  # fmt: skip
         group = opt.param_groups[0]
         return group["momentum"], group["weight_decay"], buffers
+
+    def accumulated_step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int,
+                         lrs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A step of `micro_batches` micro-batches through the C kernel in one call
+        (`NativeMLPStep.accumulated_step`): the last micro-batch's losses (K,) and the
+        squared gradient norms the noise window adds up (K, 2). Only when `native` is set."""
+        if self.native is None:
+            raise RuntimeError("a step of summed micro-batches in one call needs the native step")
+        return self.native.accumulated_step(x, y, micro_batches, list(lrs),
+                                            *self._native_optimizer())  # fmt: skip
 
     def steps(self, x: torch.Tensor, y: torch.Tensor, streams: list[torch.Tensor],
               stream_of: list[int], lrs: torch.Tensor) -> torch.Tensor:  # fmt: skip

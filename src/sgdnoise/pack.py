@@ -86,8 +86,10 @@ NATIVE_PACK_FLOPS = 200e6
 def native_step(cfg: Config, on_gpu: bool) -> bool:
     """Whether packs of cfg's runs step through the C kernel when their model is a plain
     MLP in fp32 (StackedNet checks the model, and that the kernel could be built): on the
-    CPU, one micro-batch per step (the kernel fuses the backward pass with the update)."""
-    return not on_gpu and accumulation_steps(cfg, 1) == 1
+    CPU, one micro-batch per step (the kernel fuses the backward pass with the update), or
+    micro-batches of at least native_mlp.MIN_MICRO rows, summed in the kernel."""
+    micro = accumulation_steps(cfg, 1) == 1 or cfg.train.micro_batch_size >= native_mlp.MIN_MICRO
+    return not on_gpu and micro
 
 
 def _on_gpu(cfg: Config) -> bool:

@@ -10,7 +10,8 @@ step in one call instead of some thirty torch operations; a call of several step
 them member by member, each member's steps back to back while its weights and momentum stay
 in L2. Larger batches run in chunks of rows whose activations stay in L2, the 10-class
 output layer's backward pass runs along its input's width, and a pack's evaluations run in
-C as well.
+C as well. With gradient accumulation, one call takes a whole step of micro-batches and
+returns the squared gradient norms the gradient noise scale is estimated from.
 `benchmarks/member_step.py --compare-native` measures it against the torch path,
 `--kernel-only` against the CPU's peak, `benchmarks/large_batch.py` whole large-batch runs.
 
@@ -37,6 +38,9 @@ from sgdnoise.models.packed import PackedLinear
 
 # The kernel keeps each layer's input pointer and a layer's column strips in fixed arrays.
 MAX_LAYERS, MAX_WIDTH = 63, 65_536
+# Micro-batches it sums take its blocked backward pass, which stores a gradient: more than
+# FUSED_MAX_N (8) rows each (fewer fuse the update into the backward pass).
+MIN_MICRO = 9
 
 
 def fits(layers: list[PackedLinear]) -> bool:
@@ -56,8 +60,8 @@ def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 
 class NativeMLPStep:
     """`losses` (forward) and `step` (backward and update, fused), or `steps` (several
-    whole steps in one call), for the pack of MLPs whose Linear layers are `layers`, on the
-    CPU in fp32."""
+    whole steps in one call), or `accumulated_step` (a step in micro-batches), for the pack
+    of MLPs whose Linear layers are `layers`, on the CPU in fp32."""
 
     def __init__(self, lib: Any, layers: list[PackedLinear]):
         if not fits(layers):
@@ -65,7 +69,7 @@ class NativeMLPStep:
         self.lib, self.layers = lib, layers
         dims = [layers[0].weight.shape[1]] + [layer.weight.shape[2] for layer in layers]
         self._dims = (ctypes.c_int64 * len(dims))(*dims)
-        self._ws = torch.empty(0)
+        self._ws = self._grads = torch.empty(0)
         self._x = self._y = self._losses = torch.empty(0)
         self._views: tuple[tuple[int, ...], tuple[ctypes.Array, ...]] = ((), ())
 
@@ -117,6 +121,35 @@ class NativeMLPStep:
             ws.data_ptr(), rates, momentum, weight_decay, self._losses.data_ptr(),
         )  # fmt: skip
         self._x = self._y = torch.empty(0)
+
+    @torch.no_grad()
+    def accumulated_step(self, x: torch.Tensor, y: torch.Tensor, J: int, lrs: list[float],
+                         momentum: float, weight_decay: float,
+                         buffers: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One step of every member in J micro-batches, in one call: x (K·J·n, ...) and y
+        member-major, each member's rows its micro-batches in order (n rows each, at least
+        MIN_MICRO). The step is that of the whole batch (the mean of the micro-batches'
+        gradients); returns the last micro-batch's losses (K,) and, for the gradient noise
+        scale, each member's summed squared norms of its micro-batches' gradients and the
+        squared norm of their mean (K, 2), in float64."""
+        K = len(lrs)
+        n = len(y) // (K * J) if K and J else 0
+        if n * K * J != len(y) or n < MIN_MICRO:
+            raise ValueError(f"J micro-batches of at least {MIN_MICRO} rows per member")
+        x = x.reshape(len(y), -1).contiguous()
+        y = y.to(torch.int64).contiguous()
+        ws = self._workspace(n)
+        need = self.lib.sgdn_mlp_grad_floats(self.L, self._dims)
+        if self._grads.numel() < need:
+            self._grads = torch.empty(need)
+        W, b, V, vb = self._params(buffers, momentum)
+        losses, sq = torch.empty(K), torch.empty(K, 2, dtype=torch.float64)
+        self.lib.sgdn_mlp_accum_step(
+            K, J, n, self.L, self._dims, W, b, V, vb, x.data_ptr(), y.data_ptr(), ws.data_ptr(),
+            self._grads.data_ptr(), (ctypes.c_float * K)(*lrs), momentum, weight_decay,
+            losses.data_ptr(), sq.data_ptr(),
+        )  # fmt: skip
+        return losses, sq
 
     def _workspace(self, n: int | None) -> torch.Tensor:
         """Scratch for a step of n rows per member (None: for an evaluation)."""

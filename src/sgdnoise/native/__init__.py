@@ -41,6 +41,8 @@ SIGNATURES: dict[str, dict[str, tuple[list[Any], Any]]] = {
     "mlp_step": {
         "sgdn_mlp_step": ([_I, _I, _I, *[_P] * 9, _F, _F, _P], None),
         "sgdn_mlp_steps": ([_I, _I, _I, _I, *[_P] * 13, _F, _F, _P], None),
+        "sgdn_mlp_accum_step": ([_I, _I, _I, _I, *[_P] * 10, _F, _F, _P, _P], None),
+        "sgdn_mlp_grad_floats": ([_I, _P], _I64),
         "sgdn_mlp_ws_floats": ([_I, _I, _P], _I64),
         "sgdn_mlp_eval": ([_I, _I, _I, *[_P] * 7], None),
         "sgdn_mlp_eval_ws_floats": ([_I, _P], _I64),

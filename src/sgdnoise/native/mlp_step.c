@@ -1060,12 +1060,39 @@ int64_t sgdn_mlp_ws_floats(int n, int L, const int64_t *dims) {
     return c < n ? s + grad_floats(L, dims) : s;
 }
 
+/* The update of member k's parameters with the gradient G (every layer's weights, then its
+ * biases, in the order of grad_floats), learning rate lr, momentum buffers V, vb when
+ * m != 0. */
+static void apply_grad(int k, int L, const int64_t *dims, float *const *W, float *const *b,
+                       float *const *V, float *const *vb, const float *G, float lr, float m,
+                       float wd) {
+    for (int l = 0; l < L; l++) {
+        int I = (int)dims[l], O = (int)dims[l + 1];
+        size_t wo = (size_t)k * I * O;
+        for (int i = 0; i < I; i++) {
+            size_t at = wo + (size_t)i * O;
+            update_row(O, W[l] + at, m != 0.0f ? V[l] + at : NULL, G + (size_t)i * O, lr, m,
+                       wd);
+        }
+        if (b[l])
+            update_row(O, b[l] + (size_t)k * O, m != 0.0f ? vb[l] + (size_t)k * O : NULL,
+                       G + (size_t)I * O, lr, m, wd);
+        G += (size_t)I * O + O;
+    }
+}
+
 /* One step of member k: forward on its rows x (n x I_0) with labels y, its mean cross-entropy
  * into *loss, backward, and the update with learning rate lr (momentum buffers V, vb when
- * m != 0). dims: the L + 1 layer widths. */
-static void member_step(int k, int n, int L, const int64_t *dims, float *const *W,
-                        float *const *b, float *const *V, float *const *vb, const float *x,
-                        const int64_t *y, float *ws, float lr, float m, float wd, float *loss) {
+ * m != 0). dims: the L + 1 layer widths. With `grad` (grad_floats zeroed floats; then more
+ * than FUSED_MAX_N rows), no update: the gradient of the mean loss is added into it.
+ * noipa: one function, compiled alone, whatever calls it. GCC otherwise clones or inlines it
+ * by its callers, and with -ffp-contract=fast the multiply-adds it fuses in the plain loops
+ * of the narrow layers then change with those decisions (a third caller changed the bits
+ * of layers of 7 and 3 units). */
+static __attribute__((noipa)) void
+member_step(int k, int n, int L, const int64_t *dims, float *const *W, float *const *b,
+            float *const *V, float *const *vb, const float *x, const int64_t *y, float *ws,
+            float lr, float m, float wd, float *loss, float *grad) {
     int C = (int)dims[L], wide = widest(L, dims), c = chunk_rows(n), chunked = c < n;
     const float *ins[64]; /* each layer's input: x, then the hidden outputs (padded rows) */
     int ld[64];           /* their row strides */
@@ -1078,11 +1105,12 @@ static void member_step(int k, int n, int L, const int64_t *dims, float *const *
     float *dxT = gT + lines((int64_t)wide * padded(c));
     float *row = dxT + lines((int64_t)wide * padded(c));
     float *nar = row + lines(6 * (int64_t)wide);
-    float *G = chunked ? nar + lines(NARROW_WS(wide)) : NULL, *Gl[64]; /* layer l's at Gl[l] */
+    float *G = grad ? grad : chunked ? nar + lines(NARROW_WS(wide)) : NULL;
+    float *Gl[64]; /* layer l's at Gl[l] */
     for (int l = 0; l < L; l++) /* layer l's gradients follow those of the layers before */
         Gl[l] = G && l ? Gl[l - 1] + dims[l - 1] * dims[l] + dims[l] : G;
     float inv = 1.0f / (float)n, total = 0.0f;
-    if (G) memset(G, 0, (size_t)grad_floats(L, dims) * sizeof(float));
+    if (G && !grad) memset(G, 0, (size_t)grad_floats(L, dims) * sizeof(float));
     for (int r0 = 0; r0 < n; r0 += c) {
         int nc = n - r0 < c ? n - r0 : c;
         const int64_t *yk = y + r0;
@@ -1131,19 +1159,8 @@ static void member_step(int k, int n, int L, const int64_t *dims, float *const *
             spare = t;
         }
     }
-    if (G) /* the whole batch's gradient: now the update */
-        for (int l = 0; l < L; l++) {
-            int I = (int)dims[l], O = (int)dims[l + 1];
-            size_t wo = (size_t)k * I * O;
-            for (int i = 0; i < I; i++) {
-                size_t at = wo + (size_t)i * O;
-                update_row(O, W[l] + at, m != 0.0f ? V[l] + at : NULL, Gl[l] + (size_t)i * O,
-                           lr, m, wd);
-            }
-            if (b[l])
-                update_row(O, b[l] + (size_t)k * O, m != 0.0f ? vb[l] + (size_t)k * O : NULL,
-                           Gl[l] + (size_t)I * O, lr, m, wd);
-        }
+    if (G && !grad) /* the whole batch's gradient: now the update */
+        apply_grad(k, L, dims, W, b, V, vb, G, lr, m, wd);
     *loss = total / (float)n;
 }
 
@@ -1155,7 +1172,58 @@ void sgdn_mlp_step(int K, int n, int L, const int64_t *dims, float *const *W, fl
                    float *ws, const float *lrs, float m, float wd, float *losses) {
     for (int k = 0; k < K; k++)
         member_step(k, n, L, dims, W, b, V, vb, x + (size_t)k * n * dims[0], y + (size_t)k * n,
-                    ws, lrs[k], m, wd, losses + k);
+                    ws, lrs[k], m, wd, losses + k, NULL);
+}
+
+/* sum_i v_i^2 in double over n floats, adding G_i += v_i * scale on the way when G is given:
+ * 16 partial sums in interleaved lanes, then added in order (a fixed order that vectorizes;
+ * one running sum would be a chain of dependent additions, slower than the step itself). */
+static double sum_sq(const float *v, int64_t n, float *G, float scale) {
+    double acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) {
+            acc[l] += (double)v[i + l] * v[i + l];
+            if (G) G[i + l] += v[i + l] * scale;
+        }
+    for (int l = 0; i < n; i++, l++) {
+        acc[l] += (double)v[i] * v[i];
+        if (G) G[i] += v[i] * scale;
+    }
+    double s = 0.0;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
+/* Floats of the two gradient buffers sgdn_mlp_accum_step takes (G, then g). */
+int64_t sgdn_mlp_grad_floats(int L, const int64_t *dims) { return 2 * lines(grad_floats(L, dims)); }
+
+/* One step of every member k in J micro-batches of n rows (more than FUSED_MAX_N): x[k]
+ * (J*n x I_0) and y[k], micro-batch j their rows j*n .. j*n + n. Each micro-batch's gradient
+ * of its mean loss g_j, then G = sum_j g_j / J (the gradient of the whole batch's mean loss)
+ * and the update with G, as one step of J*n rows. For the gradient noise scale, sq[2k] gets
+ * sum_j |g_j|^2 and sq[2k + 1] |G|^2 (in double); losses[k] the last micro-batch's mean loss.
+ * grads: sgdn_mlp_grad_floats floats; ws: sgdn_mlp_ws_floats(n, ...). */
+void sgdn_mlp_accum_step(int K, int J, int n, int L, const int64_t *dims, float *const *W,
+                         float *const *b, float *const *V, float *const *vb, const float *x,
+                         const int64_t *y, float *ws, float *grads, const float *lrs, float m,
+                         float wd, float *losses, double *sq) {
+    int64_t nf = grad_floats(L, dims);
+    float *G = grads, *g = grads + lines(nf), inv = 1.0f / (float)J;
+    for (int k = 0; k < K; k++) {
+        memset(G, 0, (size_t)nf * sizeof(float));
+        double small = 0.0;
+        for (int j = 0; j < J; j++) {
+            size_t r0 = ((size_t)k * J + j) * n;
+            memset(g, 0, (size_t)nf * sizeof(float));
+            member_step(k, n, L, dims, W, b, V, vb, x + r0 * dims[0], y + r0, ws, 0.0f, m, wd,
+                        losses + k, g);
+            small += sum_sq(g, nf, G, inv);
+        }
+        sq[2 * k] = small;
+        sq[2 * k + 1] = sum_sq(G, nf, NULL, 0.0f);
+        apply_grad(k, L, dims, W, b, V, vb, G, lrs[k], m, wd);
+    }
 }
 
 /* T consecutive steps of every member, each exactly sgdn_mlp_step on its gathered batch:
@@ -1182,7 +1250,7 @@ void sgdn_mlp_steps(int T, int K, int n, int L, const int64_t *dims, float *cons
                 yb[r] = Y[rows[r]];
             }
             member_step(k, n, L, dims, W, b, V, vb, xb, yb, ws, lrs[(size_t)t * K + k], m, wd,
-                        losses + (size_t)t * K + k);
+                        losses + (size_t)t * K + k, NULL);
         }
 }
 

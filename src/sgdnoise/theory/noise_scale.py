@@ -99,6 +99,15 @@ class NoiseWindow:
             torch._foreach_zero_(self.prev)
         self.steps += 1
 
+    def add_step(self, small_sq: torch.Tensor, micro_batches: int, big_sq: torch.Tensor) -> None:
+        """A whole step's sums at once, from a kernel that summed its micro-batches itself
+        (one process): per member, the squared norms of the micro-batches' gradients added
+        up, and that of their mean; what after_micro_batch and after_step add."""
+        self.sums[:, 0] += small_sq.to(self.sums)
+        self.sums[:, 1] += big_sq.to(self.sums)
+        self.sums[:, 2] += micro_batches
+        self.steps += 1
+
     def estimates(self) -> list[float | None]:
         """B_simple per member over the window since the last call (None without data or
         while |G|² <= 0); starts a new window."""
