@@ -178,17 +178,22 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _intervals_by_worker(records: list[dict[str, Any]]) -> list[list[tuple[float, float]]]:
+    """Each worker's runs as (start, end) intervals."""
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        out[r["worker"]].append((r["start"], r["end"]))
+    return list(out.values())
+
+
 def idle(records: list[dict[str, Any]]) -> dict[str, float]:
     """Seconds the workers spent in no run of the study, summed over workers: between two of
     their runs (claiming, reporting, setting up the next pack) and before their first run or
     after their last while another worker was still busy (waiting out the end)."""
     start = min(r["start"] for r in records)
     end = max(r["end"] for r in records)
-    per_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in records:
-        per_worker[r["worker"]].append((r["start"], r["end"]))
     between = edges = 0.0
-    for intervals in per_worker.values():
+    for intervals in _intervals_by_worker(records):
         first = min(a for a, _ in intervals)
         last = max(b for _, b in intervals)
         between += (last - first) - _union(intervals)
@@ -216,10 +221,7 @@ def efficiency(records: list[dict[str, Any]], peak: float, workers: int) -> dict
         by_b[r["batch_size"]].append(r)
     for b in sorted(by_b):
         rs = by_b[b]
-        per_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for r in rs:
-            per_worker[r["worker"]].append((r["start"], r["end"]))
-        busy = sum(_union(iv) for iv in per_worker.values())
+        busy = sum(_union(iv) for iv in _intervals_by_worker(rs))
         flops = sum(r["train_flops"] + r["eval_flops"] for r in rs)
         # Training-loop time shared by a pack's members: each member's loop time / members.
         loop = sum(r["train_time"] / r["pack"] for r in rs)

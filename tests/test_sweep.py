@@ -374,9 +374,9 @@ def test_only_a_point_tried_before_is_looked_up_in_the_store(tmp_path: Path) -> 
     tags = {C.PARENT: ctx.parent_run_id, C.RUN_KEY: trial.user_attrs["run_key"]}
     run = mlf.create_run(mlf.get_run(ctx.parent_run_id).info.experiment_id, tags=tags)
     mlf.set_terminated(run.info.run_id, "FINISHED")
-    assert worker._finished_run(trial) is None  # one trial of the point: never tried before
+    assert worker._finished_runs([trial]) == [None]  # one trial of the point: never tried
     enqueue(worker.study, spec, spec.point(json.loads(trial.user_attrs["point"])), "grid")
-    found = worker._finished_run(trial)
+    (found,) = worker._finished_runs([trial])
     assert found is not None and found[0] == run.info.run_id
     # A worker started now finds the study's runs in the store, and looks every point up.
     assert tracking.has_children(uri, ctx.parent_run_id)

@@ -416,7 +416,9 @@ class Loop:
         X, Y = self.s.data.train_x, self.s.data.train_y
         idx, aug = self._batches(s)
         losses = torch.zeros(0)
-        summed: list[tuple[torch.Tensor, torch.Tensor]] = []  # micro-batches for the kernel
+        # Micro-batches the C kernel adds up itself, in one call after the loop.
+        summing = self.k > 1 and getattr(self.net, "native", None) is not None
+        summed: list[tuple[torch.Tensor, torch.Tensor]] = []
         for j in range(self.k):
             mb = idx[:, j * self.micro : (j + 1) * self.micro] if self.k > 1 else idx
             x, y = X[mb.reshape(-1)], Y[mb].reshape(-1)
@@ -424,7 +426,7 @@ class Loop:
                 lo = self.rank * self.share + j * self.micro
                 x = apply_crop_flip(x, *(torch.cat([a[i][lo : lo + self.micro] for a in aug])
                                          for i in range(3)))  # fmt: skip
-            if self.k > 1 and getattr(self.net, "native", None) is not None:
+            if summing:
                 summed.append((x, y))
                 continue
             with self.net.accumulating(j < self.k - 1):

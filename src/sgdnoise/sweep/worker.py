@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -285,7 +286,7 @@ class Worker:
         (t,) = trials
         values = json.loads(t.user_attrs["point"])
         point = self.spec.point(values)
-        found = self._finished_run(t)
+        (found,) = self._finished_runs([t])
         if found is not None and self._adopt(t, found):
             self.log(f"trial {t.number} {point.run_name}: adopted finished run {found[0]}")
             return point.group
@@ -301,29 +302,35 @@ class Worker:
                 return None
         return point.group if self._report(t, result, t0) else None
 
-    def _finished_run(self, t: FrozenTrial) -> tuple[str, dict[str, float], str] | None:
-        """The FINISHED run of t's point in the tracking store, if there is one (adopted,
-        not trained again). Only a point tried before can have one: the store held runs of
-        this study when this worker started (an earlier sweep, --restart, other machines'
-        workers), or the journal holds an earlier trial of the point (of a worker that died
-        or was stopped after its run finished, before Optuna heard). Otherwise the store's
-        search is left out: a few ms a point, 8 of them between two packs."""
-        if not self._runs_at_start:
-            key = t.user_attrs["run_key"]
-            trials = self.study.get_trials(deepcopy=False)
-            if sum(x.user_attrs.get("run_key") == key for x in trials) < 2:
-                return None
-        return tracking.finished_child(
-            self.ctx.tracking_uri, self.ctx.parent_run_id, t.user_attrs["run_key"]
-        )
+    def _finished_runs(
+        self, trials: list[FrozenTrial]
+    ) -> list[tuple[str, dict[str, float], str] | None]:
+        """The FINISHED run of each trial's point in the tracking store, if there is one
+        (adopted, not trained again). Only a point tried before can have one: the store held
+        runs of this study when this worker started (an earlier sweep, --restart, other
+        machines' workers), or the journal holds an earlier trial of the point (of a worker
+        that died or was stopped after its run finished, before Optuna heard). Otherwise the
+        store's search is left out: a few ms a point, 8 of them between two packs."""
+        keys = [t.user_attrs["run_key"] for t in trials]
+        if self._runs_at_start:
+            tried = set(keys)
+        else:
+            seen = Counter(
+                x.user_attrs.get("run_key") for x in self.study.get_trials(deepcopy=False)
+            )
+            tried = {k for k in keys if seen[k] > 1}
+        return [
+            tracking.finished_child(self.ctx.tracking_uri, self.ctx.parent_run_id, k)
+            if k in tried else None
+            for k in keys
+        ]  # fmt: skip
 
     def _execute_pack(self, trials: list[FrozenTrial]) -> str | None:
         """Adopt what finished already, train the rest as one pack; each member is reported
         as soon as it finishes or diverges. Returns the group when all completed."""
         group = self.spec.point(json.loads(trials[0].user_attrs["point"])).group
         todo = []
-        for t in trials:
-            found = self._finished_run(t)
+        for t, found in zip(trials, self._finished_runs(trials), strict=True):
             if found is not None and self._adopt(t, found):
                 self.log(f"trial {t.number} {t.user_attrs.get('run_name', '')}: adopted "
                          f"finished run {found[0]}")  # fmt: skip
