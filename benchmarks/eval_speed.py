@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     source = (kernel_ab.HERE / "mlp_step.c").read_text()
     with tempfile.TemporaryDirectory() as tmp:
         lib = kernel_ab.build(source, Path(tmp) / "mlp_step.so")
-        peak = fma_peak()
+        peak = fma_peak()[0]
         print(f"peak of one thread (multiply-adds): {peak / 1e9:.0f} GFLOP/s")
         dims = kernel_ab.DIMS
         per_example = 2 * sum(i * o for i, o in zip(dims[:-1], dims[1:], strict=True))

@@ -35,7 +35,7 @@ SOURCE = "src/sgdnoise/native/mlp_step.c"
 DIMS = (40, 256, 256, 10)
 # (layer widths, batch sizes): every backward path and buffer layout the kernel has.
 SHAPES = [
-    (DIMS, (1, 4, 8, 9, 40, 64, 128, 129, 300)),
+    (DIMS, (1, 4, 8, 9, 16, 40, 64, 128, 129, 300)),
     ((256, 100, 64, 10), (4, 13, 70, 200)),
     ((784, 96, 7, 3), (5, 40, 257)),
     # Output layers of 8 to 15 columns on inputs that are not whole vectors; one layer alone.

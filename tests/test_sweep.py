@@ -275,6 +275,8 @@ def test_the_efficiency_benchmark_reads_a_finished_study(two_worker_project) -> 
     # The peak: the larger of torch's product and the native multiply-add loop, both measured.
     gemm, fma = e["gemm_gflops_one_thread"], e["fma_gflops_one_thread"]
     assert gemm > 0 and fma > 0 and e["peak_gflops_one_thread"] == max(gemm, fma)
+    assert 0 < e["fma_median_gflops_one_thread"] <= fma
+    assert e["all"]["ratio_to_median_read"] >= e["all"]["ratio"]
     text = bench()
     assert "grid6: 6 runs" in text and "step/peak" in text and "ratio" in text.splitlines()[-1]
 

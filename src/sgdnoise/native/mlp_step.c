@@ -147,6 +147,33 @@ MICRO_KERNEL(6, v16, 16)
 MICRO_KERNEL(4, v16, 16)
 #endif
 
+/* The micro-kernel for a product exactly one vector wide (a batch of 8 or 16 rows, as
+ * columns of dx^T): c[m] += sum_k a[m][k*ak] * B[k*bk + 0..VW-1], each sum in the order of
+ * MICRO_KERNEL's. Its two vectors would both cover these columns (strips of two overlap),
+ * so that half its multiply-adds repeat the other half's. */
+#define MICRO_KERNEL1(VT, SFX)                                                              \
+    static inline void mk1_##SFX(int mr, int kn, const float *const *a, ptrdiff_t ak,        \
+                                 const float *B, ptrdiff_t bk, VT *c) {                     \
+        VT c0[6];                                                                           \
+        const float *ap[6];                                                                 \
+        for (int m = 0; m < 6; m++) {                                                       \
+            c0[m] = m < mr ? c[m] : (VT){0};                                                \
+            ap[m] = a[m < mr ? m : mr - 1];                                                 \
+        }                                                                                   \
+        for (int k = 0; k < kn; k++) {                                                      \
+            VT b0 = *(const VT *)(B + (ptrdiff_t)k * bk);                                   \
+            _Pragma("GCC unroll 6") for (int m = 0; m < 6; m++) {                           \
+                float x = ap[m][(ptrdiff_t)k * ak];                                         \
+                c0[m] += x * b0;                                                            \
+            }                                                                               \
+        }                                                                                   \
+        for (int m = 0; m < mr; m++) c[m] = c0[m];                                          \
+    }
+MICRO_KERNEL1(v8, 8)
+#if WIDE
+MICRO_KERNEL1(v16, 16)
+#endif
+
 /* Row blocks: 6 rows while more than 4 remain, else 4 (a short block repeats its last row). */
 static inline int block_rows(int left) { return left > 4 ? 6 : 4; }
 
@@ -458,6 +485,12 @@ static void transpose(int rows, int cols, const float *src, int lds, float *dst,
                                   const float *B, ptrdiff_t bk, int cols, float *dst, int ldd, \
                                   const float *pw, const float *pv) {                       \
         int ja[MAX_STRIPS], jb[MAX_STRIPS], ns = strips(cols, VW, ja, jb);                  \
+        if (cols == VW && !pw) { /* one vector: no repeated half */                         \
+            VT c[6] = {{0}};                                                                \
+            mk1_##SFX(mr, kn, a, ak, B, bk, c);                                             \
+            for (int q = 0; q < ni; q++) *(VT *)(dst + (size_t)q * ldd) = c[q];             \
+            return;                                                                         \
+        }                                                                                   \
         for (int s = 0; s < ns; s++) {                                                      \
             VT c[12];                                                                       \
             for (int q = 0; q < 2 * mr; q++) c[q] = (VT){0};                                \
