@@ -13,13 +13,14 @@ compared with torch.equal; a kernel change that is meant to keep the arithmetic 
 "same bits" everywhere. Then the speed: sgdn_mlp_steps of a pack of the default MLP
 (40-256-256-10), 16 steps a call as the training loop makes them, one thread, the two
 kernels alternating round by round (this machine's speed drifts); printed, per B, the best
-round of each in µs per example-step and the ratio.
+and the median round of each in µs per example-step and their ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,10 +144,14 @@ def same_bits(a: Any, b: Any) -> bool:
     return ok
 
 
-def timing(libs: list[Any], n: int, K: int, rounds: int, T: int = 16) -> list[float]:
-    """Best round of each library, µs per example-step, alternating round by round: calls
-    of sgdn_mlp_steps of T steps (the training loop's calls: it checks for divergence every
-    16 steps), on batches drawn from 8,000 examples, two data orders for the pack."""
+def timing(
+    libs: list[Any], n: int, K: int, rounds: int, T: int = 16, seconds: float = 0.2
+) -> list[list[float]]:
+    """Each round of each library, µs per example-step, alternating round by round: calls of
+    sgdn_mlp_steps of T steps (the training loop's calls: it checks for divergence every 16
+    steps), on batches drawn from 8,000 examples, two data orders for the pack; a round
+    makes as many calls as take about `seconds` (at B = 4 a call is 2 ms, and one call's
+    time is this machine's best moment, not what it sustains)."""
     N = 8000
     g = torch.Generator().manual_seed(2)
     X, Y = torch.randn(N, DIMS[0], generator=g), torch.randint(0, DIMS[-1], (N,), generator=g)
@@ -160,16 +165,17 @@ def timing(libs: list[Any], n: int, K: int, rounds: int, T: int = 16) -> list[fl
         calls.append((T, *args[:8], X.data_ptr(), Y.data_ptr(), p.ptrs(idx),
                       (ctypes.c_int64 * K)(*[k % 2 for k in range(K)]), xb.data_ptr(),
                       yb.data_ptr(), p.ws.data_ptr(), lrs.data_ptr(), 0.9, 5e-4, losses.data_ptr()))  # fmt: skip
-    flops = 6 * sum(i * o for i, o in zip(DIMS[:-1], DIMS[1:], strict=True)) * n * K * T
-    reps = max(1, int(2e8 / flops))
-    best = [float("inf")] * len(libs)
+    t0 = time.perf_counter()
+    libs[0].sgdn_mlp_steps(*calls[0])
+    reps = max(1, round(seconds / (time.perf_counter() - t0)))
+    times: list[list[float]] = [[] for _ in libs]
     for _ in range(rounds):
         for i, lib in enumerate(libs):
             t0 = time.perf_counter()
             for _ in range(reps):
                 lib.sgdn_mlp_steps(*calls[i])
-            best[i] = min(best[i], (time.perf_counter() - t0) / reps)
-    return [t / (n * K * T) * 1e6 for t in best]
+            times[i].append((time.perf_counter() - t0) / reps / (n * K * T) * 1e6)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         b = build((repo / SOURCE).read_text(), Path(tmp) / "tree.so")
         ok = same_bits(a, b)
         print(f"bits: {'same bits' if ok else 'DIFFERENT'} ({args.base} vs the working tree)")
-        print(f"µs per example-step, packs of {args.pack}, best of {args.rounds} rounds:")
+        print(f"µs per example-step, packs of {args.pack}, best (median) of {args.rounds} "
+              "rounds of about 0.2 s:")  # fmt: skip
         for n in args.batch_sizes:
             ta, tb = timing([a, b], n, args.pack, args.rounds)
-            print(f"  B = {n:5d}: {args.base} {ta:6.2f}, working tree {tb:6.2f} "
-                  f"(ratio {tb / ta:.2f})")  # fmt: skip
+            (ba, ma), (bb, mb) = (min(ta), statistics.median(ta)), (min(tb), statistics.median(tb))
+            print(f"  B = {n:5d}: {args.base} {ba:6.2f} ({ma:.2f}), working tree {bb:6.2f} "
+                  f"({mb:.2f}); ratio {bb / ba:.2f} ({mb / ma:.2f})")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             loops: dict[int, list[float]] = {K: [] for K in args.packs}
             kernel: list[float] = []
             for _ in range(args.rounds):
-                kernel += kernel_ab.timing([lib], B, 8, 3)
+                kernel += kernel_ab.timing([lib], B, 8, 3)[0]
                 for K in args.packs:
                     loops[K].append(loop_time(root, configs(None, B, K, args.steps)))
             print(f"B = {B}: kernel {min(kernel):.2f}–{max(kernel):.2f}; "
