@@ -281,6 +281,25 @@ def test_the_efficiency_benchmark_reads_a_finished_study(two_worker_project) -> 
     assert "grid6: 6 runs" in text and "step/peak" in text and "ratio" in text.splitlines()[-1]
 
 
+def test_the_study_ab_benchmark_sweeps_both_revisions_from_scratch(tmp_path) -> None:
+    """benchmarks/study_ab.py alternates the base revision's code (git's src/) and the working
+    tree's on one study, each sweep from scratch into a fresh store: at toy size, each of
+    them trains all 6 points and is read by the efficiency benchmark (numbers not judged)."""
+    root = make_project(tmp_path / "project", {"grid6": GRID})
+    script = Path(__file__).parents[1] / "benchmarks" / "study_ab.py"
+    res = subprocess.run([sys.executable, str(script), "--base", "HEAD", "--study", "grid6",
+                          "--rounds", "1", "--root", str(root), "--json"], env=env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    [row] = out["rounds"]
+    assert set(row) == {"HEAD", "working tree"}
+    for e in row.values():
+        assert e["runs"] == 6 and e["wall_s"] > 0 and e["ratio"] > 0 and e["peak_gflops"] > 0
+    assert len(out["wall_ratios"]) == 1 and out["wall_ratios"][0] > 0
+    assert not (root / "mlflow.db").exists()  # the project itself is left as it was
+
+
 # ---- which points a worker claims first, and how much of them ----
 
 BUDGETS = {
