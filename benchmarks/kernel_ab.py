@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from sgdnoise.models.native_mlp import MIN_MICRO
 from sgdnoise.native import CONTRACT, FLAGS, HERE, SIGNATURES
 
 SOURCE = "src/sgdnoise/native/mlp_step.c"
@@ -98,7 +99,7 @@ def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float,
             accumulated: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """Parameters, momentum and losses after 3 steps, then 4 more in one multi-step call
     (members 0 and 2 share a data order), then an evaluation's sums; with `accumulated`
-    (both kernels have sgdn_mlp_accum_step) and n of at least 9 rows, then a step in two
+    (both kernels have sgdn_mlp_accum_step) and n of at least MIN_MICRO rows, then a step in two
     micro-batches of n rows: its losses, squared norms and the parameters after it."""
     p = Pack(dims, 3, n)
     args = p.args(lib, momentum)
@@ -118,7 +119,7 @@ def outputs(lib: Any, dims: tuple[int, ...], n: int, momentum: float,
     lib.sgdn_mlp_eval(p.K, n, L, p.c_dims, W, b, p.x.data_ptr(), p.y.data_ptr(), p.ws.data_ptr(),
                       sums.data_ptr())  # fmt: skip
     out = [*p.W, *p.b, *p.V, *p.vb, p.losses, losses, sums]
-    if accumulated and n >= 9:
+    if accumulated and n >= MIN_MICRO:
         J = 2
         x = torch.randn(p.K * J * n, dims[0], generator=g)
         y = torch.randint(0, dims[-1], (p.K * J * n,), generator=g)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -31,17 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import projects
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 EFFICIENCY = REPO / "benchmarks" / "study_efficiency.py"
 
 
 def clean_env(src: Path) -> dict[str, str]:
-    """A fresh `sgdnoise` process running the code under `src`: no inherited tracking store,
-    project root or thread count."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SGDNOISE_"))}
-    env.pop("OMP_NUM_THREADS", None)
-    env["PYTHONPATH"] = str(src)
-    return env
+    """A fresh `sgdnoise` process running the code under `src` (projects.clean_env: no
+    inherited tracking store, project root or thread count)."""
+    return {**projects.clean_env(), "PYTHONPATH": str(src)}
 
 
 def base_source(rev: str, into: Path) -> Path:
@@ -92,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     args = ap.parse_args(argv)
     params = args.root.resolve() / "params.yaml"
+    if not params.is_file():
+        ap.error(f"--root: no params.yaml in {args.root}")
+    raw = yaml.safe_load(params.read_text()) or {}
+    if args.study not in (raw.get("studies") or {}):
+        ap.error(f"--study: {args.study!r} is not a study of {params} (its studies: "
+                 f"{', '.join(raw.get('studies') or {}) or 'none'})")  # fmt: skip
     out: dict[str, Any] = {"base": args.base, "study": args.study, "rounds": []}
     with tempfile.TemporaryDirectory(prefix="study-ab-") as tmp:
         scratch = Path(tmp)
-        codes = {args.base: base_source(args.base, scratch), "working tree": REPO / "src"}
+        try:
+            codes = {args.base: base_source(args.base, scratch), "working tree": REPO / "src"}
+        except subprocess.CalledProcessError:
+            ap.error(f"--base: {args.base!r} is not a revision of this repository")
         # The data, prepared once by the working tree's code, shared by every sweep.
-        (scratch / "prepare").mkdir()
-        shutil.copy(params, scratch / "prepare" / "params.yaml")
-        subprocess.run([sys.executable, "-m", "sgdnoise.cli", "prepare"], cwd=scratch / "prepare",
-                       env=clean_env(REPO / "src"), check=True, capture_output=True)  # fmt: skip
+        projects.write_project(scratch / "prepare", raw)
         data = scratch / "prepare" / "data"
         for r in range(args.rounds):
             row = {}

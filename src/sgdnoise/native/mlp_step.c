@@ -147,10 +147,11 @@ MICRO_KERNEL(6, v16, 16)
 MICRO_KERNEL(4, v16, 16)
 #endif
 
-/* The micro-kernel for a product exactly one vector wide (a batch of 8 or 16 rows, as
- * columns of dx^T): c[m] += sum_k a[m][k*ak] * B[k*bk + 0..VW-1], each sum in the order of
- * MICRO_KERNEL's. Its two vectors would both cover these columns (strips of two overlap),
- * so that half its multiply-adds repeat the other half's. */
+/* The micro-kernel for a product exactly one vector wide (with vectors of 16, a batch of
+ * 16 rows as the columns of dx^T; vectors of 8 never meet one, since the blocked backward
+ * pass takes more than 8 rows): c[m] += sum_k a[m][k*ak] * B[k*bk + 0..VW-1], each sum in
+ * the order of MICRO_KERNEL's. Its two vectors would both cover these columns (strips of
+ * two overlap), so that half its multiply-adds repeat the other half's. */
 #define MICRO_KERNEL1(VT, SFX)                                                              \
     static inline void mk1_##SFX(int mr, int kn, const float *const *a, ptrdiff_t ak,        \
                                  const float *B, ptrdiff_t bk, VT *c) {                     \
