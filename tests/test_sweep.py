@@ -644,6 +644,26 @@ def test_a_lone_point_steps_through_the_c_kernel_as_a_pack_of_one(tmp_path: Path
             assert "pack of" not in out and "derived.pack" not in child["params"], out
 
 
+def test_a_worker_of_several_threads_runs_after_the_sweep_prepared_the_data(
+    tmp_path: Path,
+) -> None:
+    """The sweep prepares unprepared data before it forks its workers. A multi-threaded
+    torch operation there starts OpenMP's thread team, which a forked worker inherits as
+    threads that no longer exist: its first multi-threaded operation (copying the default
+    MLP's 256 x 256 weights into a pack) then waited forever. Sized so that both sides run
+    such operations: 20,000 x 20 inputs to prepare, 65,536 weights to copy, 2 threads."""
+    study = {"grid": {"train.lr_eff": [0.25], "train.seed": [0]}, "edges": {"extend": False}}
+    root = make_project(
+        tmp_path, {"one": study},
+        data={"num_samples": 20000}, model={"width": 256}, train={"threads": 2},
+    )  # fmt: skip
+    assert not (root / "data").exists()
+    out = ok(cli(root, "sweep", "one", timeout=120))
+    (child,) = check_exactly_once(root, "one")[1]
+    assert child["status"] == "FINISHED", out
+    assert child["params"]["train.threads"] == "2"
+
+
 def test_rerun_of_a_dead_workers_trial_resumes_its_checkpoint(tmp_path: Path) -> None:
     # Long enough to be killed mid-run: through the C kernel this tiny model takes about
     # 20 µs a step, so 3,000 steps (0.2 s) could end between two polls.

@@ -10,6 +10,7 @@ Workers are forked after the heavy imports (torch, torchvision, MLflow's SQL sto
 each starts training in milliseconds, not in the ~10 s a fresh interpreter needs here;
 every database connection is closed before the fork so that no worker shares one. Each
 worker gets cores // N intra-op threads (OMP_NUM_THREADS too): workers x threads <= cores.
+This process computes on one thread (see run_sweep).
 
 Under torchrun / accelerate launch (WORLD_SIZE > 1) the command is one worker made of a
 process group instead; see group.py.
@@ -56,6 +57,13 @@ def run_sweep(
     """`restart`: forget the study's Optuna trials first (not its MLflow runs) and run every
     point again, into the tracking store in use now; a point whose finished run that store
     holds already (under the study's parent run) is adopted, not trained again."""
+    import torch
+
+    # One thread here, before any torch operation (checking user models, preparing the
+    # data): a multi-threaded one starts OpenMP's thread team, and a forked worker inherits
+    # it as threads that no longer exist, so its first multi-threaded operation waits for
+    # them forever. Each worker, and a run under torchrun, sets its own count.
+    torch.set_num_threads(1)
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
     user_models = check_points(spec, root)
