@@ -24,6 +24,7 @@ from sgdnoise.models import native_mlp
 from sgdnoise.pack import (
     MAX_PACK,
     NATIVE_MAX_PACK,
+    NATIVE_PACK_WORK,
     StackedModel,
     default_pack_size,
     forward_flops,
@@ -307,6 +308,22 @@ def test_pack_keys_and_default_sizes() -> None:
     else:
         assert [size(B, 256) for B in (64, 128, 256, 512, 1024)] == [8, 4, 1, 1, 1]
     assert size(8192 if not native else 65536, 32) == 1
+    if native:
+        # Short runs pack by their whole work as well: 10 epochs of the default MLP on
+        # MNIST-1D's 8,000 training examples are 38 GFLOP at every B, so B = 1,024 and
+        # 2,048 (one member per pack by the step's FLOPs) pack 8; longer runs fewer.
+        (cfg,) = configs([(0.1, 0)], **{"train.device": "cpu", "train.batch_size": 2048,
+                                        "model.width": 256})  # fmt: skip
+        forward = forward_flops(cfg, (40,), 10)
+        assert default_pack_size(cfg, forward) == 1
+        for epochs, k in ((10, NATIVE_MAX_PACK), (20, 4), (80, 1)):
+            work = 3 * forward * 8000 * epochs
+            assert default_pack_size(cfg, forward, work) == k, epochs
+            assert (k * work <= NATIVE_PACK_WORK < 2 * k * work) or k == NATIVE_MAX_PACK
+        # ... never fewer than by the step's FLOPs: a long run at a small B still packs.
+        (small,) = configs([(0.1, 0)], **{"train.device": "cpu", "train.batch_size": 16,
+                                          "model.width": 256})  # fmt: skip
+        assert default_pack_size(small, forward, 1e15) == NATIVE_MAX_PACK
     assert forward_flops(configs([(0.1, 0)], **{"model.width": 32})[0], (40,), 10) == 2 * (
         40 * 32 + 32 * 32 + 32 * 10
     )  # multiply-adds of the three layers, 2 FLOPs each

@@ -17,7 +17,6 @@ amplified by training (tests/test_pack.py states the tolerance).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -78,9 +77,18 @@ MAX_PACK = {"cpu": 16, "cuda": 16}
 # the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at
 # K = 8, 199 at K = 16) and at most NATIVE_PACK_FLOPS of forward FLOPs per pack step. The
 # kernel steps one member after the other, so a member's step has no size limit: the pack
-# only amortizes the loop's Python between calls (B = 256: 4 members, 512: 2).
+# amortizes the loop's Python between calls (B = 256: 4 members, 512: 2), and its members
+# share one set-up: the data loaded, the models built, a sweep worker's bookkeeping between
+# packs (tens of ms each time). Short runs therefore also pack up to NATIVE_PACK_WORK
+# training FLOPs a pack, whatever B: 10 epochs of the default MLP on MNIST-1D are 38 GFLOP,
+# about 0.3 s, at every B, so constant_epochs' large batches pack 8 runs rather than 1 or 2.
+# `python benchmarks/study_ab.py --base <the commit before>` (two rounds each): its sweep
+# took 0.945 and 0.894 of the wall, constant_steps' (512: 4 runs rather than 2, 1,024: 2
+# rather than 1) 0.971 and 0.929. A pack's work stays about 2 s of arithmetic, so the two
+# workers' last runs still end close together.
 NATIVE_MAX_PACK = 8
 NATIVE_PACK_FLOPS = 200e6
+NATIVE_PACK_WORK = 400e9
 
 
 def native_step(cfg: Config, on_gpu: bool) -> bool:
@@ -106,21 +114,29 @@ def native_mlp_runs(cfg: Config) -> bool:
             and native_mlp.library() is not None)  # fmt: skip
 
 
-def default_pack_size(cfg: Config, flops_per_example: float) -> int:
+def default_pack_size(cfg: Config, flops_per_example: float, run_flops: float = 0.0) -> int:
     """How many runs a sweep packs by default (`train.pack: null`), given the model's
-    forward FLOPs per example (`forward_flops`)."""
+    forward FLOPs per example (`forward_flops`) and a run's training FLOPs (`run_flops`,
+    `training_flops`; 0: not known, no packing by work)."""
     if cfg.data.name == "nqm" or cfg.model.name == "resnet50":
         return 1  # exact theory, not training; one ResNet-50 run fills a GPU's memory
     kind = "cuda" if _on_gpu(cfg) else "cpu"
     member_max, pack_max = PACK_FLOPS[kind]
     most = MAX_PACK[kind]
-    if native_mlp_runs(cfg):
-        member_max, pack_max, most = math.inf, NATIVE_PACK_FLOPS, NATIVE_MAX_PACK
     per_member = max(1.0, flops_per_example * cfg.train.batch_size)
+    if native_mlp_runs(cfg):
+        by_step = _doublings(per_member, NATIVE_PACK_FLOPS, NATIVE_MAX_PACK)
+        by_work = _doublings(run_flops, NATIVE_PACK_WORK, NATIVE_MAX_PACK) if run_flops > 0 else 1
+        return max(by_step, by_work)
     if per_member > member_max:
         return 1
+    return _doublings(per_member, pack_max, most)
+
+
+def _doublings(each: float, limit: float, most: int) -> int:
+    """The largest power of two k <= most with k * each <= limit (1 at least)."""
     k = 1
-    while 2 * k <= most and 2 * k * per_member <= pack_max:
+    while 2 * k <= most and 2 * k * each <= limit:
         k *= 2
     return k
 
@@ -162,7 +178,7 @@ def pack_size(cfg: Config, root: Path) -> int:
     if cfg.data.name == "nqm":
         return 1
     shape, classes, _ = _data_shape(cfg, root)
-    size = default_pack_size(cfg, _model_flops(cfg, shape, classes))
+    size = default_pack_size(cfg, _model_flops(cfg, shape, classes), training_flops(cfg, root))
     return size if size == 1 or packable(cfg, shape, classes) else 1
 
 
