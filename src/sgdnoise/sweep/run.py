@@ -63,7 +63,17 @@ def run_sweep(
     # data): a multi-threaded one starts OpenMP's thread team, and a forked worker inherits
     # it as threads that no longer exist, so its first multi-threaded operation waits for
     # them forever. Each worker, and a run under torchrun, sets its own count.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_sweep(raw, study, workers, storage, restart)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_sweep(
+    raw: Mapping[str, Any], study: str, workers: int, storage: str | None, restart: bool
+) -> int:
     root = project_root()
     spec = load_spec(raw, study)  # every grid point validated before anything is created
     user_models = check_points(spec, root)
