@@ -75,7 +75,10 @@ MAX_PACK = {"cpu": 16, "cuda": 16}
 # Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
 # weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
 # the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at
-# K = 8, 199 at K = 16) and at most NATIVE_PACK_FLOPS of forward FLOPs per pack step. The
+# K = 8, 199 at K = 16, when the kernel took one step per call; since a member's steps run
+# back to back, 16 no longer cost more, nor measurably less: `study_ab.py` read
+# constant_epochs with 16 at 0.963 and 1.087 of the wall) and at most NATIVE_PACK_FLOPS of
+# forward FLOPs per pack step. The
 # kernel steps one member after the other, so a member's step has no size limit: the pack
 # amortizes the loop's Python between calls (B = 256: 4 members, 512: 2), and its members
 # share one set-up: the data loaded, the models built, a sweep worker's bookkeeping between
