@@ -72,23 +72,23 @@ MAX_PACK = {"cpu": 16, "cuda": 16}
 # unpacked step: B = 2048: 9.1-10.4 vs 10.1-12.1; 4096: 7.8-10.0 vs 9.8-11.5; 8000: 8.6-9.9
 # vs 9.0-11.3. (Unchunked, the kernel stopped paying at 512; before its rows were padded
 # and its update ran by whole rows, it stopped at 2048.)
-# Such packs hold at most NATIVE_MAX_PACK members (the kernel runs a member's step while its
+# Such packs hold at most NATIVE_MAX_PACK members: the kernel runs a member's step while its
 # weights are cached, and 16 members' weights and momentum, 10 MB for the default MLP, crowd
-# the cache two workers share: B = 4, whole packs of 400 steps: 164 µs per member-step at
+# the cache two workers share (B = 4, whole packs of 400 steps: 164 µs per member-step at
 # K = 8, 199 at K = 16, when the kernel took one step per call; since a member's steps run
 # back to back, 16 no longer cost more, nor measurably less: `study_ab.py` read
-# constant_epochs with 16 at 0.963 and 1.087 of the wall) and at most NATIVE_PACK_FLOPS of
-# forward FLOPs per pack step. The
-# kernel steps one member after the other, so a member's step has no size limit: the pack
-# amortizes the loop's Python between calls (B = 256: 4 members, 512: 2), and its members
-# share one set-up: the data loaded, the models built, a sweep worker's bookkeeping between
-# packs (tens of ms each time). Short runs therefore also pack up to NATIVE_PACK_WORK
-# training FLOPs a pack, whatever B: 10 epochs of the default MLP on MNIST-1D are 38 GFLOP,
-# about 0.3 s, at every B, so constant_epochs' large batches pack 8 runs rather than 1 or 2.
-# `python benchmarks/study_ab.py --base <the commit before>` (two rounds each): its sweep
-# took 0.945 and 0.894 of the wall, constant_steps' (512: 4 runs rather than 2, 1,024: 2
-# rather than 1) 0.971 and 0.929. A pack's work stays about 2 s of arithmetic, so the two
-# workers' last runs still end close together.
+# constant_epochs with 16 at 0.963 and 1.087 of the wall). The kernel steps one member
+# after the other, so a member's step has no size limit. A pack amortizes the loop's Python
+# between calls: up to NATIVE_PACK_FLOPS of forward FLOPs a pack step (B = 256: 4 members,
+# 512: 2). Its members also share one set-up: the data loaded, the models built, a sweep
+# worker's bookkeeping between packs (tens of ms each time). So short runs also pack up to
+# NATIVE_PACK_WORK training FLOPs a pack, whatever B: 10 epochs of the default MLP on
+# MNIST-1D are 38 GFLOP, about 0.3 s, at every B, and constant_epochs' large batches pack 3
+# to 8 runs (3: an edge round's seeds) where they trained alone or in pairs. `python
+# benchmarks/study_ab.py --base <the commit before>` (two rounds each): its sweep took 0.945
+# and 0.894 of the wall, constant_steps' (512: 4 runs rather than 2, 1,024: 2 rather than
+# 1) 0.971 and 0.929. A pack's work stays about 2 s of arithmetic, so the two workers' last
+# runs still end close together.
 NATIVE_MAX_PACK = 8
 NATIVE_PACK_FLOPS = 200e6
 NATIVE_PACK_WORK = 400e9
