@@ -180,8 +180,9 @@ def pack_size(cfg: Config, root: Path) -> int:
         return cfg.train.pack
     if cfg.data.name == "nqm":
         return 1
-    shape, classes, _ = _data_shape(cfg, root)
-    size = default_pack_size(cfg, _model_flops(cfg, shape, classes), training_flops(cfg, root))
+    shape, classes, n_train = _data_shape(cfg, root)
+    forward = _model_flops(cfg, shape, classes)
+    size = default_pack_size(cfg, forward, _run_flops(cfg, forward, n_train))
     return size if size == 1 or packable(cfg, shape, classes) else 1
 
 
@@ -216,8 +217,14 @@ def training_flops(cfg: Config, root: Path) -> float:
     if cfg.data.name == "nqm":
         return float(budget.value * B)  # its budget is in steps
     shape, classes, n_train = _data_shape(cfg, root)
-    examples = budget.value * (n_train if budget.unit == "epochs" else B)
-    return 3.0 * _model_flops(cfg, shape, classes) * examples
+    return _run_flops(cfg, _model_flops(cfg, shape, classes), n_train)
+
+
+def _run_flops(cfg: Config, forward: float, n_train: int) -> float:
+    """training_flops from the model's forward FLOPs per example and the training set's size."""
+    budget = cfg.train.budget
+    examples = budget.value * (n_train if budget.unit == "epochs" else cfg.train.batch_size)
+    return 3.0 * forward * examples
 
 
 def packable(cfg: Config, input_shape: Sequence[int], num_classes: int) -> bool:
