@@ -616,12 +616,11 @@ static inline __attribute__((always_inline)) void fused_16(
     float x0, float x1, float x2, float x3, v16 *D, float *row, float m, float wd, float lr,
     const __mmask16 k, const int has_dx, const int first, const int last, const int has_v) {
     v16 wj = LDK(k, w), q0 = LDK(k, g0), q1 = LDK(k, g1), q2 = LDK(k, g2), q3 = LDK(k, g3);
-    if (has_dx) { /* each is used twice: GCC loaded it twice, folded into both (10 loads) */
+    if (has_dx) {
+        /* Each is used twice: GCC loaded it twice, folded into both (10 loads, not 6). */
         IN_REGISTERS(q0, q1);
         IN_REGISTERS(q2, q3);
         IN_REGISTERS(wj, q0);
-    }
-    if (has_dx) {
         D[0] = fma16(q0, wj, D[0]), D[1] = fma16(q1, wj, D[1]), D[2] = fma16(q2, wj, D[2]);
         D[3] = fma16(q3, wj, D[3]);
     }
@@ -696,9 +695,8 @@ static inline __attribute__((always_inline)) void fused8_16(
     if (has_dx) { /* as in fused_16: one load each, not two */
         for (int r = 0; r < 8; r += 2) IN_REGISTERS(q[r], q[r + 1]);
         IN_REGISTERS(wj, q[0]);
-    }
-    if (has_dx)
         for (int r = 0; r < 8; r++) D[r] = fma16(q[r], wj, D[r]);
+    }
     v16 acc = (v16){0};
     acc += x[0] * q[0] + x[1] * q[1] + x[2] * q[2] + x[3] * q[3];
     acc += x[4] * q[4] + x[5] * q[5] + x[6] * q[6] + x[7] * q[7];
